@@ -1,0 +1,3 @@
+from moeconv.cli import main
+
+main()

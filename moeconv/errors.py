@@ -1,0 +1,32 @@
+"""Typed errors. Every message is one line that names the file, key or rule and says what is wrong.
+
+The CLI turns any MoeconvError into that one line on stderr and exit code 1 (see cli.py).
+"""
+
+
+class MoeconvError(Exception):
+    """Base class: a problem with the user's input or environment, reported without a traceback."""
+
+
+class CheckpointError(MoeconvError):
+    """A checkpoint file or index claims something that is not true or not safe."""
+
+
+class RecipeError(MoeconvError):
+    """A recipe (preset or user TOML) is malformed: the message names the file, rule and field."""
+
+
+class OpError(MoeconvError):
+    """An op was given inputs or parameters it cannot work with (the plan adds rule and key)."""
+
+
+class PlanError(MoeconvError):
+    """The conversion cannot be planned: a group misses a member, two rules write one key, ..."""
+
+
+class WriteError(MoeconvError):
+    """Writing the output failed (disk full, file-size limit, output folder refused)."""
+
+
+class InternalError(MoeconvError):
+    """A produced chunk disagrees with the plan: a bug in moeconv, reported naming rule and key."""
