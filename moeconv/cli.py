@@ -27,8 +27,10 @@ stderr = Console(stderr=True, soft_wrap=True)
 
 
 
-def command(name: str | None = None, **kwargs) -> Callable:
-    """app.command() plus the one error funnel: MoeconvError -> one line on stderr, exit code 1."""
+def command(name: str | None = None, *, on: typer.Typer | None = None, **kwargs) -> Callable:
+    """`app.command()` (or `on.command()`) plus the one error funnel: MoeconvError -> one line on
+    stderr, exit code 1. Commands import the library inside their body: torch takes a second to
+    import and `--help` should not wait for it."""
 
     def decorate(fn: Callable) -> Callable:
         @functools.wraps(fn)
@@ -41,7 +43,7 @@ def command(name: str | None = None, **kwargs) -> Callable:
                 stderr.print(f"error: {error}", markup=False, highlight=False)
                 raise typer.Exit(1) from None
 
-        return app.command(name, **kwargs)(guarded)
+        return (on or app).command(name, **kwargs)(guarded)
 
     return decorate
 
@@ -51,6 +53,103 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object 
 
 # ---- inspect ---------------------------------------------------------------------------------------
 # (owned by the foundation work: reader + inspect rendering)
+
+
+# ---- convert ---------------------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5 * 10**9, '500MiB' -> 500 * 2**20, '1000' -> 1000 (as transformers reads max_shard_size)."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    number = text.strip().upper().rstrip()
+    unit = number.lstrip("0123456789. ")
+    try:
+        value = float(number[: len(number) - len(unit)])
+        return int(value * units[unit.strip()])
+    except (ValueError, KeyError):
+        raise typer.BadParameter(f"'{text}' is not a size; use e.g. 5GB, 500MB or 2GiB") from None
+
+
+def load_recipes(presets: list[str], recipes: list[str]) -> list:
+    """Presets first, then recipe files, each in the order given; `--recipe preset:NAME` interleaves."""
+    from moeconv.recipe import load_preset, load_recipe
+
+    loaded = [load_preset(name) for name in presets]
+    for item in recipes:
+        loaded.append(load_preset(item.removeprefix("preset:")) if item.startswith("preset:") else load_recipe(item))
+    return loaded
+
+
+@command("convert")
+def convert_command(
+    src: Annotated[str, typer.Argument(help="Source checkpoint: a folder, a .safetensors file, or a hub repo id.")],
+    out: Annotated[Path, typer.Argument(help="Output folder (created; must be empty unless --overwrite).")],
+    preset: Annotated[list[str], typer.Option("--preset", "-p", help="Built-in preset (see `moeconv presets`); repeatable.")] = [],
+    recipe: Annotated[list[str], typer.Option("--recipe", "-r", help="Recipe TOML file, or preset:NAME; repeatable, applied after presets.")] = [],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan and report only: read headers, write nothing.")] = False,
+    json_output: JsonOption = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 3 if the load report is not clean; rules that match nothing are errors.")] = False,
+    align: Annotated[int, typer.Option("--align", help="Start every tensor at a multiple of N bytes where the format allows.")] = 16,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest shard, e.g. 5GB, 500MB, 2GiB.")] = "5GB",
+    dtype: Annotated[str | None, typer.Option("--dtype", help="Write every floating-point tensor as bf16, fp16 or fp32.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the contents of a non-empty output folder.")] = False,
+) -> None:
+    """Convert a checkpoint with ordered rules (presets and recipes) and write a load report."""
+    from moeconv.dtypes import parse_user_dtype
+    from moeconv.execute import execute
+    from moeconv.plan import build_plan
+    from moeconv.render import progress_bar, render_plan
+    from moeconv.source import Checkpoint
+
+    shard_bytes = parse_size(max_shard_size)
+    run_dtype = parse_user_dtype(dtype) if dtype else None
+    recipes = load_recipes(preset, recipe)
+    if not recipes:
+        raise typer.BadParameter("give at least one --preset or --recipe (see `moeconv presets`)")
+    source = Checkpoint.open(src)
+    plan = build_plan(source, recipes, dtype=run_dtype, align=align, max_shard_size=shard_bytes, strict=strict)
+    refused = strict and plan.report.checked and not plan.report.ok()
+    if dry_run or refused:
+        if json_output:
+            stdout.print_json(data=plan.to_json())
+        else:
+            render_plan(plan, stdout)
+        if refused:
+            stderr.print("error: the load report is not clean (--strict); nothing was written", highlight=False)
+            raise typer.Exit(3)
+        return
+    with progress_bar(stderr, plan, enabled=stderr.is_terminal and not json_output) as progress:
+        report = execute(plan, out, overwrite=overwrite, progress=progress)
+    if json_output:
+        stdout.print_json(data=report)
+    else:
+        render_plan(plan, stderr)
+        stderr.print(f"wrote {out} ({len(plan.shards)} shard(s), report in {out / 'moeconv-report.json'})", highlight=False)
+
+
+# ---- presets ---------------------------------------------------------------------------------------
+
+presets_app = typer.Typer(help="List the built-in presets, or print one to copy and edit.", invoke_without_command=True)
+app.add_typer(presets_app, name="presets")
+
+
+@presets_app.callback()
+def presets_list(ctx: typer.Context) -> None:
+    """List the built-in presets with a one-line description."""
+    from moeconv.recipe import load_preset, preset_names
+
+    if ctx.invoked_subcommand is not None:
+        return
+    for name in preset_names():
+        stdout.print(f"{name:32} {load_preset(name).description}", highlight=False, markup=False)
+
+
+@command("show", on=presets_app)
+def presets_show(name: Annotated[str, typer.Argument(help="Preset name.")]) -> None:
+    """Print a preset's TOML to copy and edit."""
+    from moeconv.recipe import preset_text
+
+    print(preset_text(name), end="")
 
 
 # ---- entry point -----------------------------------------------------------------------------------

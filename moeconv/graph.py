@@ -1,0 +1,124 @@
+"""Lazy tensors: what the plan builds and the executor pulls rows from.
+
+A node knows its dtype and shape without data (ops are inferred on the meta device) and produces
+rows start:stop of its first axis on demand. Ops that leave axis 0 alone are applied to the same
+rows of their inputs, so a [128, 2880, 5760] output is computed expert by expert and memory stays
+bounded by a chunk. Ops that act on axis 0 route rows where they can (stack, concat, split,
+unstack along dim 0); anything else is computed whole once and sliced (`materializes` says so, and
+the plan reports it).
+"""
+
+import math
+
+import torch
+
+from moeconv import ops
+
+
+class Node:
+    """A tensor that can be produced in row blocks of its first axis."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    materializes: bool = False  # computed whole before slicing (memory grows with this tensor)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop of axis 0 (only for tensors with at least one dimension)."""
+        raise NotImplementedError
+
+    def whole(self) -> torch.Tensor:
+        return self.rows(0, self.shape[0]) if self.shape else self._scalar()
+
+    def _scalar(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Drop any cached data (called once the tensor is written)."""
+
+
+class SourceNode(Node):
+    """A tensor of the source checkpoint, read zero-copy by row blocks."""
+
+    def __init__(self, checkpoint, key: str, dtype: torch.dtype, shape: tuple[int, ...]):
+        self.checkpoint, self.key, self.dtype, self.shape = checkpoint, key, dtype, shape
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.checkpoint.read(self.key, start, stop)
+
+    def _scalar(self) -> torch.Tensor:
+        return self.checkpoint.read(self.key)
+
+
+class OpNode(Node):
+    """Output `index` of a registered op applied to input nodes."""
+
+    def __init__(self, op: str, params: dict, inputs: list[Node], index: int, dtype: torch.dtype, shape: tuple):
+        self.op, self.params, self.inputs, self.index = op, params, inputs, index
+        self.dtype, self.shape = dtype, tuple(shape)
+        in_ndim = len(inputs[0].shape)
+        self._dim = params.get("dim", 0) % max(in_ndim, 1) if "dim" in params else None
+        self._leading = ops.get_op(op).touches_leading_axis(params, in_ndim)
+        self._router = self._leading and self._route_rows()
+        self.materializes = self._leading and self._router is None and in_ndim > 0
+        self._cache: torch.Tensor | None = None
+
+    def _route_rows(self):
+        """For ops along dim 0 that only move whole rows: a function (start, stop) -> rows."""
+        if self._dim != 0:
+            return None
+        if self.op == "stack":
+            return lambda a, b: torch.stack([m.whole() for m in self.inputs[a:b]])  # [b-a, *member]
+        if self.op == "unstack":
+            return lambda a, b: self.inputs[0].rows(self.index, self.index + 1)[0, a:b]
+        if self.op == "split":
+            part = self.shape[0]
+            return lambda a, b: self.inputs[0].rows(self.index * part + a, self.index * part + b)
+        if self.op == "concat":
+            return self._concat_rows
+        return None
+
+    def _concat_rows(self, start: int, stop: int) -> torch.Tensor:
+        pieces, offset = [], 0
+        for node in self.inputs:
+            lo, hi = max(start, offset), min(stop, offset + node.shape[0])
+            if lo < hi:
+                pieces.append(node.rows(lo - offset, hi - offset))
+            offset += node.shape[0]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def _apply(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        return ops.apply(self.op, inputs, self.params)[self.index]
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        if not self._leading:
+            return self._apply([node.rows(start, stop) for node in self.inputs])
+        if self._router is not None:
+            return self._router(start, stop)
+        if self._cache is None:
+            self._cache = self._apply([node.whole() for node in self.inputs])
+        return self._cache[start:stop]
+
+    def _scalar(self) -> torch.Tensor:
+        return self._apply([node.whole() for node in self.inputs])
+
+    def release(self) -> None:
+        self._cache = None
+        for node in self.inputs:
+            node.release()
+
+
+def infer_outputs(op: str, params: dict, inputs: list[Node]) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+    """Output dtypes and shapes of an op on these inputs, from metadata only."""
+    return ops.infer(op, [(node.dtype, node.shape) for node in inputs], params)
+
+
+def chunk_rows(node: Node, budget: int) -> int:
+    """How many rows of axis 0 to produce at once so a chunk stays near `budget` bytes."""
+    if not node.shape or node.materializes or isinstance(node, OpNode) and node.op == "unstack":
+        return max(node.shape[0], 1) if node.shape else 1
+    row_bytes = max(node.nbytes // max(node.shape[0], 1), 1)
+    return max(1, min(node.shape[0], budget // row_bytes))

@@ -1,0 +1,377 @@
+"""The plan: every output tensor, shard and problem, decided from headers alone.
+
+Rules are applied in order; each sees the keys the earlier ones produced (cascade), so a user
+recipe can transpose what a preset fused. Nothing here reads tensor data: ops run on the meta
+device to learn shapes, so a dry run is exact and errors surface before any I/O.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from moeconv import companions, dtypes, ops
+from moeconv.errors import MoeconvError, PlanError
+from moeconv.graph import Node, OpNode, SourceNode, infer_outputs
+from moeconv.keys import natural_key
+from moeconv.recipe import OpStep, Recipe, Rule
+from moeconv.report import LoadReport, check_load
+from moeconv.source import Checkpoint
+from moeconv.writer import ShardLayout, TensorSpec, plan_shards
+
+DEFAULT_DTYPE = torch.bfloat16  # what "$dtype" means when --dtype is not given
+
+
+@dataclass
+class Entry:
+    """A key of the namespace while rules run: its lazy tensor and where it came from."""
+
+    node: Node
+    sources: tuple[str, ...]
+    rules: tuple[str, ...] = ()
+    ops: tuple[str, ...] = ()
+
+
+@dataclass
+class Value:
+    """One tensor flowing through a rule's op chain, with the template variables it carries."""
+
+    node: Node
+    variables: dict[str, str]
+    sources: tuple[str, ...]
+    ops: tuple[str, ...] = ()
+
+
+@dataclass
+class PlannedTensor:
+    """One output tensor: what it is, where it comes from, where it goes."""
+
+    key: str
+    dtype: str  # safetensors name
+    shape: tuple[int, ...]
+    sources: tuple[str, ...]
+    rules: tuple[str, ...]
+    ops: tuple[str, ...]
+    node: Node = field(repr=False)
+    shard: str = ""
+    offset: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.node.nbytes
+
+    def to_json(self) -> dict:
+        return {
+            "key": self.key,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "nbytes": self.nbytes,
+            "shard": self.shard,
+            "offset": self.offset,
+            "sources": list(self.sources),
+            "rules": list(self.rules),
+            "ops": list(self.ops),
+        }
+
+
+@dataclass
+class Plan:
+    """Everything a conversion will do, decided before any tensor data is read."""
+
+    source: Checkpoint
+    recipes: list[Recipe]
+    tensors: dict[str, PlannedTensor]
+    shards: list[ShardLayout]
+    config: dict | None  # the output config.json
+    companion_files: list[str]  # small files copied next to the shards (names relative to the source root)
+    report: LoadReport
+    warnings: list[str]
+    align: int
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def to_json(self) -> dict:
+        return {
+            "source": str(self.source.root),
+            "recipes": [r.origin for r in self.recipes],
+            "align": self.align,
+            **self.report.to_json(),
+            "warnings": self.warnings,
+            "total_bytes": self.total_bytes,
+            "shards": [{"name": s.name, "size": s.size, "tensors": len(s.order), "misaligned": s.misaligned} for s in self.shards],
+            "files": self.companion_files,
+            "tensors": [t.to_json() for t in self.tensors.values()],
+        }
+
+
+class _Planner:
+    def __init__(self, source: Checkpoint, dtype: torch.dtype | None):
+        self.source = source
+        self.config = source.config or {}
+        self.dtype = dtype
+        self.namespace: dict[str, Entry] = {
+            key: Entry(SourceNode(source, key, dtypes.to_torch(info.dtype), info.shape), (key,))
+            for key, info in source.tensors.items()
+        }
+        self.warnings: list[str] = []
+
+    # ---- one rule ---------------------------------------------------------------------------------
+
+    def apply_recipe(self, recipe: Recipe, strict: bool) -> None:
+        matched = [self.apply_rule(rule, strict) for rule in recipe.rules]
+        if not any(matched):
+            self._unmatched(f"{recipe.origin}: no rule matched any key; the checkpoint is not what this recipe is for", strict)
+
+    def _unmatched(self, message: str, strict: bool) -> None:
+        if strict:
+            raise PlanError(message + " (--strict)")
+        self.warnings.append(message)
+
+    def apply_rule(self, rule: Rule, strict: bool) -> bool:
+        """Apply one rule to the namespace; False when it matched nothing."""
+        if rule.model_types and self.config.get("model_type") not in rule.model_types:
+            return False
+        matches = self._match(rule)
+        if not matches:
+            if not rule.optional:
+                self._unmatched(f"{rule.where} matched no key", strict)
+            return False
+        consumed = [key for keys in matches.values() for key in keys.values()]
+        produced: dict[str, Entry] = {}
+        if not rule.drop:
+            for groups, values in self._run(rule, matches):
+                for value in values:
+                    key = self._target(rule, groups, value)
+                    if key in produced:
+                        raise PlanError(
+                            f"{rule.where} writes '{key}' twice; put the split/unstack variable in 'target'"
+                        )
+                    produced[key] = Entry(value.node, value.sources, (rule.name,), value.ops)
+        for key in consumed:
+            del self.namespace[key]
+        for key, entry in produced.items():
+            if key in self.namespace:
+                earlier = self.namespace[key]
+                by = f"rule '{earlier.rules[-1]}'" if earlier.rules else "the source"
+                raise PlanError(f"{rule.where} writes '{key}', which {by} already provides; two tensors cannot share a key")
+            self.namespace[key] = entry
+        return True
+
+    def _match(self, rule: Rule) -> dict[str, dict[tuple, str]]:
+        """input name -> (named group values -> key), keys taken from the current namespace."""
+        found: dict[str, dict[tuple, str]] = {name: {} for name in rule.inputs}
+        for key in self.namespace:
+            for name, pattern in rule.inputs.items():
+                match = pattern.fullmatch(key)
+                if match is None:
+                    continue
+                groups = tuple(sorted(match.groupdict().items()))
+                if groups in found[name]:
+                    raise PlanError(f"{rule.where}: keys '{found[name][groups]}' and '{key}' give the same groups {dict(groups)}")
+                found[name][groups] = key
+        if not any(found.values()):
+            return {}
+        everything = set().union(*(set(v) for v in found.values()))
+        for name, keys in found.items():
+            for groups in sorted(everything - set(keys)):
+                partner = next(k[groups] for k in found.values() if groups in k)
+                raise PlanError(f"{rule.where}: '{partner}' has no partner for input '{name}' (groups {dict(groups)})")
+        return found
+
+    def _run(self, rule: Rule, matches: dict[str, dict[tuple, str]]):
+        """Yield (template groups, output values) per match set, or per group of match sets."""
+        names = list(rule.inputs)
+        group_sets = sorted(matches[names[0]], key=lambda g: natural_key(str(g)))
+
+        def initial(groups: tuple) -> list[Value]:
+            values = []
+            for name in names:
+                key = matches[name][groups]
+                entry = self.namespace[key]
+                values.append(Value(entry.node, {}, entry.sources, entry.ops))
+            return values
+
+        if rule.group is None:
+            for groups in group_sets:
+                yield dict(groups), self._steps(rule, rule.steps, initial(groups), where=matches[names[0]][groups])
+            return
+
+        buckets: dict[tuple, dict[int, tuple]] = {}
+        for groups in group_sets:
+            rest = tuple((k, v) for k, v in groups if k != rule.group)
+            value = dict(groups)[rule.group]
+            if not value.isdigit():
+                raise PlanError(f"{rule.where}: group '{rule.group}' must be a number, got '{value}' in '{matches[names[0]][groups]}'")
+            buckets.setdefault(rest, {})[int(value)] = groups
+        expected, why = self._expected_count(rule)
+        split_at = rule.stack_index()
+        for rest, members in sorted(buckets.items(), key=lambda kv: natural_key(str(kv[0]))):
+            count = expected if expected is not None else max(members) + 1
+            missing = [i for i in range(count) if i not in members]
+            extra = [i for i in members if i >= count]
+            label = ", ".join(f"{k}={v}" for k, v in rest) or "all keys"
+            if missing:
+                raise PlanError(
+                    f"{rule.where}: {label}: {rule.group} {_ranges(missing)} missing for input '{names[0]}' "
+                    f"(have {_ranges(sorted(members))}; expected {count}{why})"
+                )
+            if extra:
+                raise PlanError(f"{rule.where}: {label}: {rule.group} {_ranges(extra)} beyond the expected {count}{why}")
+            per_member = [
+                self._steps(rule, rule.steps[:split_at], initial(members[i]), where=matches[names[0]][members[i]])
+                for i in range(count)
+            ]
+            width = len(per_member[0])
+            stack_step = rule.steps[split_at]
+            stacked = []
+            for j in range(width):
+                parts = [member[j] for member in per_member]
+                node = self._op_node(rule, stack_step, [p.node for p in parts], 0, where=label)
+                sources = tuple(s for p in parts for s in p.sources)
+                stacked.append(Value(node, parts[0].variables, sources, parts[0].ops + (stack_step.describe(),)))
+            yield dict(rest), self._steps(rule, rule.steps[split_at + 1 :], stacked, where=label)
+
+    def _expected_count(self, rule: Rule) -> tuple[int | None, str]:
+        if isinstance(rule.count, int):
+            return rule.count, " from the rule's count"
+        configs = [self.config, self.config.get("text_config") or {}]
+        for name in rule.count or ():
+            for config in configs:
+                if isinstance(config.get(name), int):
+                    return config[name], f" from config.json {name}"
+        return None, ""
+
+    def _steps(self, rule: Rule, steps: tuple[OpStep, ...], values: list[Value], where: str) -> list[Value]:
+        for step in steps:
+            op = _op_arity(step.op)
+            if op == 1:
+                values = [out for value in values for out in self._unary(rule, step, value, where)]
+            else:
+                if op is not None and op != len(values):
+                    raise PlanError(f"{rule.where}: op '{step.op}' takes {op} inputs, the chain has {len(values)} at '{where}'")
+                node = self._op_node(rule, step, [v.node for v in values], 0, where)
+                merged = {k: v for value in values for k, v in value.variables.items()}
+                sources = tuple(s for value in values for s in value.sources)
+                values = [Value(node, merged, sources, values[0].ops + (step.describe(),))]
+        return values
+
+    def _unary(self, rule: Rule, step: OpStep, value: Value, where: str) -> list[Value]:
+        params = self._params(step)
+        outputs = self._infer(rule, step, params, [value.node], where)
+        results = []
+        for index, (dtype, shape) in enumerate(outputs):
+            node = OpNode(step.op, params, [value.node], index, dtype, shape)
+            variables = dict(value.variables)
+            if len(outputs) > 1:
+                label = step.names[index] if step.names else str(index)
+                variables[step.fanout_var or ("part" if step.op == "split" else "index")] = label
+            results.append(Value(node, variables, value.sources, value.ops + (step.describe(),)))
+        return results
+
+    def _op_node(self, rule: Rule, step: OpStep, inputs: list[Node], index: int, where: str) -> OpNode:
+        params = self._params(step)
+        dtype, shape = self._infer(rule, step, params, inputs, where)[index]
+        return OpNode(step.op, params, inputs, index, dtype, shape)
+
+    def _infer(self, rule: Rule, step: OpStep, params: dict, inputs: list[Node], where: str):
+        try:
+            return infer_outputs(step.op, params, inputs)
+        except MoeconvError as error:
+            raise PlanError(f"{rule.where}: {where}: {error}") from None
+
+    def _params(self, step: OpStep) -> dict:
+        run_dtype = _dtype_name(self.dtype or DEFAULT_DTYPE)
+        return {k: (run_dtype if v == "$dtype" else v) for k, v in step.params.items()}
+
+    def _target(self, rule: Rule, groups: dict, value: Value) -> str:
+        try:
+            return rule.target.format(**groups, **value.variables)
+        except KeyError as error:
+            known = sorted({*groups, *value.variables})
+            raise PlanError(f"{rule.where}: target uses {{{error.args[0]}}}, which is not defined here; available: {known}") from None
+
+    # ---- after the rules --------------------------------------------------------------------------
+
+    def cast_floats(self) -> None:
+        """--dtype: every floating-point output in that dtype (exact ops already produce it)."""
+        if self.dtype is None:
+            return
+        params = {"dtype": _dtype_name(self.dtype)}
+        for key, entry in self.namespace.items():
+            node = entry.node
+            if node.dtype.is_floating_point and node.dtype != self.dtype:
+                (dtype, shape), = infer_outputs("cast", params, [node])
+                entry.node = OpNode("cast", params, [node], 0, dtype, shape)
+                entry.ops += (f"cast(dtype={params['dtype']})",)
+
+
+def _op_arity(name: str) -> int | None:
+    return ops.get_op(name).n_inputs
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+
+
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0..2, 5'."""
+    spans, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            spans.append(str(start) if start == v else f"{start}..{v}")
+            start = None
+    return ", ".join(spans)
+
+
+def build_plan(
+    source: Checkpoint,
+    recipes: list[Recipe],
+    *,
+    dtype: torch.dtype | None = None,
+    align: int = 16,
+    max_shard_size: int = 5 * 10**9,
+    strict: bool = False,
+) -> Plan:
+    """Plan a conversion of `source` with `recipes` applied in order. Reads headers only.
+
+    `dtype` (--dtype) makes every floating output that dtype; `strict` turns rules that match
+    nothing into errors. Raises PlanError at the first problem, naming the rule and key.
+    """
+    planner = _Planner(source, dtype)
+    for recipe in recipes:
+        planner.apply_recipe(recipe, strict)
+    planner.cast_floats()
+
+    tensors: dict[str, PlannedTensor] = {}
+    for key in sorted(planner.namespace, key=natural_key):
+        entry = planner.namespace[key]
+        node = entry.node
+        tensors[key] = PlannedTensor(key, dtypes.to_safetensors(node.dtype), node.shape, entry.sources, entry.rules, entry.ops, node)
+        if node.materializes:
+            planner.warnings.append(
+                f"'{key}' is computed whole in memory ({node.nbytes / 2**20:.1f} MiB): an op acts on its first axis"
+            )
+    specs = [TensorSpec(t.key, t.dtype, t.shape) for t in tensors.values()]
+    shards = plan_shards(specs, max_shard_size, align)
+    for layout in shards:
+        for key, offset in layout.offsets.items():
+            tensors[key].shard, tensors[key].offset = layout.name, offset
+        for key in layout.misaligned:
+            planner.warnings.append(f"'{key}' in {layout.name} cannot start {align}-byte aligned (odd-sized tensors)")
+
+    config = companions.output_config(source.config, tensors.values(), dtype)
+    planned = {t.key: (t.dtype, t.shape) for t in tensors.values()}
+    return Plan(
+        source=source,
+        recipes=list(recipes),
+        tensors=tensors,
+        shards=shards,
+        config=config,
+        companion_files=companions.companion_files(source.root),
+        report=check_load(planned, config),
+        warnings=planner.warnings,
+        align=align,
+    )

@@ -1,0 +1,263 @@
+"""Recipes: ordered, regex-matched rules read from TOML (built-in presets or user files).
+
+A recipe file is a `description` and a list of `[[rule]]` tables:
+
+    [[rule]]
+    name = "fuse gate + up"                       # optional, defaults to "rule N"
+    inputs = { gate = '(?P<layer>.+)\\.experts\\.(?P<expert>\\d+)\\.w1\\.weight',
+               up = '(?P<layer>.+)\\.experts\\.(?P<expert>\\d+)\\.w3\\.weight' }
+    group = "expert"                              # collect members that differ only in this group
+    count = ["num_local_experts", "num_experts"]  # config.json keys giving the member count (or an int)
+    ops = [{ op = "concat", dim = 0 }, { op = "stack", dim = 0 }]
+    target = "{layer}.gate_up_proj"
+
+`match = 'regex'` is the one-input shorthand of `inputs`. Patterns match the WHOLE key. Named groups
+become template variables for `target`; a `split` or `unstack` op adds one more (`as = "part"`,
+values from `names` or the index). `drop = true` removes the matched keys. `model_types` limits a
+rule to configs of those model types; `optional = true` marks one of several alternatives (key
+families) that may match nothing without a warning. Op parameters are checked against the op's signature
+(moeconv.ops); the string "$dtype" stands for the run's --dtype (bf16 when not given).
+"""
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from moeconv import ops
+from moeconv.errors import RecipeError
+
+# Keys an op entry may carry besides the op's own parameters: they steer the planner.
+OP_META_KEYS = {"op", "as", "names"}
+FANOUT_OPS = {"split", "unstack"}
+RULE_KEYS = {"name", "description", "match", "inputs", "group", "count", "ops", "target", "drop", "model_types", "optional"}
+RECIPE_KEYS = {"description", "rule"}
+
+
+@dataclass(frozen=True)
+class OpStep:
+    """One op of a rule's chain: the registered op, its checked parameters, fan-out naming."""
+
+    op: str
+    params: dict
+    fanout_var: str | None = None  # template variable set by split/unstack
+    names: tuple[str, ...] | None = None  # values of that variable (split parts)
+
+    def describe(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in self.params.items())
+        return f"{self.op}({args})"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One validated rule. `inputs` keeps the declared order: ops consume inputs in that order."""
+
+    name: str
+    origin: str  # "preset fuse-experts" or the file path, for messages
+    inputs: dict[str, re.Pattern]
+    target: str | None
+    steps: tuple[OpStep, ...] = ()
+    group: str | None = None
+    count: tuple[str, ...] | int | None = None
+    drop: bool = False
+    model_types: tuple[str, ...] | None = None
+    optional: bool = False  # one of several alternatives (key families): matching nothing is fine
+    description: str = ""
+
+    @property
+    def where(self) -> str:
+        return f"{self.origin}: rule '{self.name}'"
+
+    def stack_index(self) -> int | None:
+        """Position of the `stack` step in the chain, or None."""
+        return next((i for i, s in enumerate(self.steps) if s.op == "stack"), None)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """An ordered list of rules from one TOML source."""
+
+    origin: str
+    description: str
+    rules: tuple[Rule, ...] = field(default_factory=tuple)
+
+
+def _fail(where: str, message: str) -> RecipeError:
+    return RecipeError(f"{where}: {message}")
+
+
+def _compile(where: str, field_name: str, pattern: object) -> re.Pattern:
+    if not isinstance(pattern, str):
+        raise _fail(where, f"field '{field_name}' must be a regex string")
+    try:
+        return re.compile(pattern)
+    except re.error as error:
+        raise _fail(where, f"field '{field_name}': regex does not compile: {error}") from None
+
+
+def _parse_step(where: str, index: int, entry: object) -> OpStep:
+    at = f"{where}, ops[{index}]"
+    if not isinstance(entry, dict) or "op" not in entry:
+        raise _fail(at, "each op must be a table with an 'op' field, e.g. { op = \"transpose\", dim0 = 1, dim1 = 2 }")
+    name = entry["op"]
+    try:
+        ops.get_op(name)
+    except RecipeError as error:
+        raise _fail(at, str(error)) from None
+    params = {k: v for k, v in entry.items() if k not in OP_META_KEYS}
+    names = entry.get("names")
+    fanout_var = entry.get("as")
+    if (names is not None or fanout_var is not None) and name not in FANOUT_OPS:
+        raise _fail(at, f"'as' and 'names' only go with {sorted(FANOUT_OPS)}, not '{name}'")
+    if names is not None:
+        if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+            raise _fail(at, "'names' must be a list of strings, e.g. [\"gate\", \"up\"]")
+        if name == "split":
+            if "parts" in params and params["parts"] != len(names):
+                raise _fail(at, f"'parts' = {params['parts']} but {len(names)} names given")
+            params["parts"] = len(names)
+    if fanout_var is not None and not (isinstance(fanout_var, str) and fanout_var.isidentifier()):
+        raise _fail(at, "'as' must name a template variable, e.g. as = \"part\"")
+    dtype_param = {k for k, v in params.items() if v == "$dtype"}
+    probe = {k: ("bf16" if k in dtype_param else v) for k, v in params.items()}
+    try:
+        checked = ops.check_params(name, probe)
+    except RecipeError as error:
+        raise _fail(at, str(error)) from None
+    checked.update({k: "$dtype" for k in dtype_param})
+    return OpStep(name, checked, fanout_var, tuple(names) if names else None)
+
+
+def _parse_rule(origin: str, index: int, table: object) -> Rule:
+    where = f"{origin}: rule {index + 1}"
+    if not isinstance(table, dict):
+        raise _fail(where, "each [[rule]] must be a table")
+    name = table.get("name", f"rule {index + 1}")
+    if not isinstance(name, str):
+        raise _fail(where, "field 'name' must be a string")
+    where = f"{origin}: rule {index + 1} ('{name}')" if "name" in table else where
+    unknown = set(table) - RULE_KEYS
+    if unknown:
+        raise _fail(where, f"unknown field '{sorted(unknown)[0]}'; rule fields are: {', '.join(sorted(RULE_KEYS))}")
+
+    if ("match" in table) == ("inputs" in table):
+        raise _fail(where, "give exactly one of 'match' (one input) or 'inputs' (named inputs)")
+    if "match" in table:
+        inputs = {"x": _compile(where, "match", table["match"])}
+    else:
+        if not isinstance(table["inputs"], dict) or not table["inputs"]:
+            raise _fail(where, "field 'inputs' must be a table of name = 'regex'")
+        inputs = {k: _compile(where, f"inputs.{k}", v) for k, v in table["inputs"].items()}
+    group_names = [set(p.groupindex) for p in inputs.values()]
+    if any(g != group_names[0] for g in group_names):
+        raise _fail(where, "all 'inputs' patterns must have the same named groups, so their matches can be paired")
+
+    raw_ops = table.get("ops", [])
+    if not isinstance(raw_ops, list):
+        raise _fail(where, "field 'ops' must be a list of op tables")
+    steps = tuple(_parse_step(where, i, entry) for i, entry in enumerate(raw_ops))
+
+    drop = table.get("drop", False)
+    if not isinstance(drop, bool):
+        raise _fail(where, "field 'drop' must be true or false")
+    target = table.get("target")
+    if drop and (target is not None or steps):
+        raise _fail(where, "a rule with drop = true takes no 'target' or 'ops'")
+    if not drop:
+        if not isinstance(target, str) or not target:
+            raise _fail(where, "field 'target' is required: a key template such as '{prefix}.gate_up_proj'")
+        try:
+            target.format_map({})
+        except KeyError:
+            pass
+        except (ValueError, IndexError) as error:
+            raise _fail(where, f"field 'target' is not a valid template: {error}") from None
+
+    group = table.get("group")
+    stacks = [s for s in steps if s.op == "stack"]
+    if group is not None:
+        if group not in group_names[0]:
+            raise _fail(where, f"field 'group' = '{group}' is not a named group of the pattern(s)")
+        if len(stacks) != 1:
+            raise _fail(where, "a rule with 'group' needs exactly one { op = \"stack\" } to merge the members")
+    elif stacks:
+        raise _fail(where, "op 'stack' needs the rule's 'group' field (which named group to merge over)")
+
+    count = table.get("count")
+    if count is not None:
+        if isinstance(count, str):
+            count = (count,)
+        elif isinstance(count, list) and all(isinstance(c, str) for c in count):
+            count = tuple(count)
+        elif not (isinstance(count, int) and count > 0):
+            raise _fail(where, "field 'count' must be a config key, a list of config keys, or a positive integer")
+        if group is None:
+            raise _fail(where, "field 'count' only goes with 'group'")
+
+    model_types = table.get("model_types")
+    if model_types is not None:
+        if not (isinstance(model_types, list) and all(isinstance(m, str) for m in model_types)):
+            raise _fail(where, "field 'model_types' must be a list of strings")
+        model_types = tuple(model_types)
+
+    optional = table.get("optional", False)
+    if not isinstance(optional, bool):
+        raise _fail(where, "field 'optional' must be true or false")
+
+    return Rule(
+        name=name,
+        origin=origin,
+        inputs=inputs,
+        target=target,
+        steps=steps,
+        group=group,
+        count=count,
+        drop=drop,
+        model_types=model_types,
+        optional=optional,
+        description=table.get("description", ""),
+    )
+
+
+def parse_recipe(text: str, origin: str) -> Recipe:
+    """Parse and validate recipe TOML text; `origin` names it in error messages."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise RecipeError(f"{origin}: not valid TOML: {error}") from None
+    unknown = set(data) - RECIPE_KEYS
+    if unknown:
+        raise RecipeError(f"{origin}: unknown top-level field '{sorted(unknown)[0]}'; use 'description' and [[rule]] tables")
+    rules = data.get("rule", [])
+    if not isinstance(rules, list) or not rules:
+        raise RecipeError(f"{origin}: no [[rule]] tables")
+    return Recipe(origin, data.get("description", ""), tuple(_parse_rule(origin, i, r) for i, r in enumerate(rules)))
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a user recipe file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise RecipeError(f"{path}: cannot read recipe: {error.strerror}") from None
+    return parse_recipe(text, str(path))
+
+
+def preset_names() -> list[str]:
+    """Names of the built-in presets (TOML files shipped in moeconv/presets)."""
+    folder = resources.files("moeconv") / "presets"
+    return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def preset_text(name: str) -> str:
+    """The TOML text of a built-in preset."""
+    if name not in preset_names():
+        raise RecipeError(f"unknown preset '{name}'; known presets: {', '.join(preset_names())}")
+    return (resources.files("moeconv") / "presets" / f"{name}.toml").read_text(encoding="utf-8")
+
+
+def load_preset(name: str) -> Recipe:
+    """A built-in preset as a Recipe."""
+    return parse_recipe(preset_text(name), f"preset {name}")
