@@ -55,6 +55,24 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object 
 # (owned by the foundation work: reader + inspect rendering)
 
 
+@command("inspect")
+def inspect_command(
+    path: Annotated[Path, typer.Argument(help="Checkpoint folder, .safetensors file or index.json.", show_default=False)],
+    as_json: JsonOption = False,
+) -> None:
+    """Show every tensor of a checkpoint (key, dtype, shape, bytes, file, 16-byte alignment), from headers only."""
+    import json
+
+    from moeconv.inspect import inspect_json, render
+    from moeconv.source import Checkpoint
+
+    with Checkpoint.open(path) as checkpoint:
+        if as_json:
+            typer.echo(json.dumps(inspect_json(checkpoint), indent=2))
+        else:
+            render(checkpoint, stdout)
+
+
 # ---- convert ---------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,345 @@
+"""Read a safetensors checkpoint: headers and index only, validated; tensor data by zero-copy slices.
+
+Nothing a file claims is trusted: header length, JSON, dtypes, shapes and byte ranges are checked
+against each other and against the file size before anything else looks at them, and every failure
+is a CheckpointError whose one-line message names the file (and key) and says what is wrong.
+
+Which files make the checkpoint (the loader's choice, as transformers makes it):
+  1. `model.safetensors` in the folder, if present;
+  2. else `model.safetensors.index.json` and the shards it names;
+  3. else every root-level `*.safetensors` file.
+Subfolders are never read (gpt-oss repos hold `original/` and `metal/` copies of the weights).
+Pickled weights (`.bin`, `.pt`, `.pth`, `.ckpt`) are never read: unpickling runs code.
+"""
+
+import json
+import math
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from moeconv import dtypes
+from moeconv.errors import CheckpointError
+from moeconv.keys import natural_key
+
+HEADER_CAP = 100_000_000  # the reference parser's limit on the JSON header
+INDEX_CAP = 100_000_000  # an index larger than this is not an index
+SINGLE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as its header describes it; begin/end are ABSOLUTE file offsets."""
+
+    key: str
+    dtype: str  # safetensors name, e.g. "BF16", "U8"
+    shape: tuple[int, ...]
+    file: Path  # absolute path of the shard
+    begin: int  # absolute offset of the first byte (8 + header_len + data_offsets[0])
+    end: int  # absolute offset one past the last byte
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def _q(text: str) -> str:
+    """Quote a name taken from a file so the message stays one line whatever it contains."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _unique_object(pairs: list[tuple[str, object]]) -> dict:
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"duplicate key {_q(key)}")
+        seen[key] = value
+    return seen
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _supported() -> str:
+    return ", ".join(dtypes.SAFETENSORS_TO_TORCH)
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
+    """Parse and validate one .safetensors header: (tensors, __metadata__, data_start).
+
+    Reads only the header. Sizes are checked against the file size before anything is allocated.
+    Tensors are returned in order of their begin offset.
+    """
+    path = Path(path).absolute()
+    name = str(path)
+    try:
+        with open(path, "rb") as handle:
+            size = handle.seek(0, 2)
+            if size < 8:
+                raise CheckpointError(
+                    f"{name}: file is {size} bytes, shorter than the 8-byte header length; not a safetensors file (truncated download?)"
+                )
+            handle.seek(0)
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            if header_len > HEADER_CAP:
+                raise CheckpointError(
+                    f"{name}: header length {header_len} is over the {HEADER_CAP}-byte limit of safetensors; not a safetensors file or corrupt"
+                )
+            if header_len > size - 8:
+                raise CheckpointError(
+                    f"{name}: header length {header_len} goes beyond the file size ({size} bytes); the file is truncated or not safetensors"
+                )
+            raw = handle.read(header_len)
+    except OSError as error:
+        raise CheckpointError(f"{name}: cannot read: {error.strerror or error}") from None
+    data_start = 8 + header_len
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise CheckpointError(f"{name}: header is not UTF-8 (byte {error.start}); not a safetensors file or corrupt") from None
+    try:
+        header = json.loads(text, object_pairs_hook=_unique_object)
+    except ValueError as error:  # JSONDecodeError or a duplicate key
+        raise CheckpointError(f"{name}: header is not valid JSON ({error}); the file is corrupt") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{name}: header is JSON {type(header).__name__}, not an object; the file is corrupt")
+
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{name}: __metadata__ must be a map of strings to strings; the file is corrupt")
+
+    tensors: list[TensorInfo] = []
+    for key, entry in header.items():
+        where = f"{name}: tensor {_q(key)}"
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise CheckpointError(f"{where}: entry must be an object with dtype, shape and data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in dtypes.SAFETENSORS_TO_TORCH:
+            raise CheckpointError(f"{where}: unsupported dtype {_q(str(dtype))}; supported: {_supported()}")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise CheckpointError(f"{where}: shape {json.dumps(shape)} must be a list of non-negative integers")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_is_int(o) and o >= 0 for o in offsets)
+            or offsets[0] > offsets[1]
+        ):
+            raise CheckpointError(f"{where}: data_offsets {json.dumps(offsets)} must be [begin, end] with 0 <= begin <= end")
+        expected = math.prod(shape) * dtypes.itemsize(dtype)
+        if offsets[1] - offsets[0] != expected:
+            raise CheckpointError(
+                f"{where}: shape {shape} x {dtype} is {expected} bytes but data_offsets {offsets} span {offsets[1] - offsets[0]}"
+            )
+        tensors.append(TensorInfo(key, dtype, tuple(shape), path, data_start + offsets[0], data_start + offsets[1]))
+
+    # The reference parser's rule: sorted by offset, each tensor begins where the previous ends,
+    # and the last one ends at the end of the file.
+    tensors.sort(key=lambda t: (t.begin, t.end))
+    position, previous = data_start, None
+    for info in tensors:
+        if info.begin != position:
+            what = "a hole before" if info.begin > position else "an overlap with the previous tensor at"
+            after = f" (after {_q(previous)})" if previous is not None else ""
+            raise CheckpointError(
+                f"{name}: tensor {_q(info.key)}: data is not contiguous: {what} data offset {info.begin - data_start}"
+                f", expected {position - data_start}{after}; the file is corrupt"
+            )
+        position, previous = info.end, info.key
+    if position != size:
+        raise CheckpointError(
+            f"{name}: tensor data ends at byte {position} but the file has {size} bytes"
+            f" ({'truncated' if position > size else 'trailing bytes'}); the file is corrupt or incomplete"
+        )
+    return {t.key: t for t in tensors}, metadata, data_start
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _allowed_target(path: Path, root: Path) -> bool:
+    """Does the real file behind `path` live inside the checkpoint folder?
+
+    The one exception is the huggingface_hub cache, where snapshots/<rev>/<file> is a symlink into
+    ../../blobs/: refusing it would refuse every downloaded model.
+    """
+    real, real_root = path.resolve(), root.resolve()
+    if _inside(real, real_root):
+        return True
+    if real_root.parent.name == "snapshots":
+        return _inside(real, real_root.parent.parent / "blobs")
+    return False
+
+
+def _load_json(path: Path, what: str) -> object:
+    try:
+        size = path.stat().st_size
+        if size > INDEX_CAP:
+            raise CheckpointError(f"{path}: {what} is {size} bytes, too large to be a {what}")
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot read {what}: {error.strerror or error}") from None
+    except (UnicodeDecodeError, ValueError) as error:
+        raise CheckpointError(f"{path}: {what} is not valid JSON ({error})") from None
+
+
+class Checkpoint:
+    """A safetensors checkpoint: every tensor's header entry, the shard files and config.json.
+
+    Tensor data is read only by `read`, zero-copy from the memory-mapped shard.
+    """
+
+    def __init__(self, root: Path, files: list[Path], tensors: dict[str, TensorInfo], config: dict | None):
+        self.root = root
+        self.files = files
+        self.tensors = tensors
+        self.config = config
+        self._handles: dict[Path, object] = {}
+        self._lock = threading.Lock()
+
+    # -- opening ----------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Checkpoint":
+        """A folder (single file, index + shards, or all root-level .safetensors) or one .safetensors file."""
+        path = Path(path).expanduser().absolute()
+        if not path.exists():
+            raise CheckpointError(f"{path}: no such file or folder")
+        if path.is_file():
+            if path.name.endswith(".index.json"):
+                root = path.parent
+                return cls._from_files(root, cls._index_files(root, path))
+            if path.suffix in PICKLE_SUFFIXES:
+                raise CheckpointError(f"{path}: pickled weights are not read (unpickling runs code); convert to .safetensors first")
+            if path.suffix != ".safetensors":
+                raise CheckpointError(f"{path}: not a .safetensors file or a checkpoint folder")
+            return cls._from_files(path.parent, {path: None})
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: not a file or folder")
+        root = path
+        if (root / SINGLE_NAME).is_file():
+            return cls._from_files(root, {root / SINGLE_NAME: None})
+        if (root / INDEX_NAME).is_file():
+            return cls._from_files(root, cls._index_files(root, root / INDEX_NAME))
+        found = sorted(p for p in root.iterdir() if p.suffix == ".safetensors" and p.is_file())
+        if found:
+            return cls._from_files(root, dict.fromkeys(found))
+        pickled = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+        if pickled:
+            raise CheckpointError(
+                f"{root}: only pickled weights here ({', '.join(pickled[:3])}{', ...' if len(pickled) > 3 else ''}); "
+                "they are not read (unpickling runs code): convert them to .safetensors first"
+            )
+        raise CheckpointError(f"{root}: no .safetensors files in this folder (subfolders are not read)")
+
+    @staticmethod
+    def _index_files(root: Path, index_path: Path) -> dict[Path, set[str]]:
+        """Shard path -> keys the index assigns to it, after checking every path stays in the folder."""
+        index = _load_json(index_path, "index")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index_path}: index has no \"weight_map\" object; it is not a safetensors index")
+        shards: dict[Path, set[str]] = {}
+        for key, shard in weight_map.items():
+            if not isinstance(shard, str) or not shard:
+                raise CheckpointError(f"{index_path}: key {_q(key)} maps to {json.dumps(shard)}, not a shard file name")
+            relative = Path(shard)
+            if relative.is_absolute() or ".." in relative.parts:
+                raise CheckpointError(
+                    f"{index_path}: key {_q(key)} names shard {_q(shard)} outside the checkpoint folder; refusing to read it"
+                )
+            shard_path = root / relative
+            if not shard_path.is_file():
+                raise CheckpointError(f"{index_path}: key {_q(key)} names shard {_q(shard)}, which is missing from {root}")
+            if not _allowed_target(shard_path, root):
+                raise CheckpointError(
+                    f"{index_path}: shard {_q(shard)} is a symlink to {shard_path.resolve()}, outside the checkpoint folder; refusing to read it"
+                )
+            shards.setdefault(shard_path, set()).add(key)
+        if not shards:
+            raise CheckpointError(f"{index_path}: index \"weight_map\" is empty")
+        return shards
+
+    @classmethod
+    def _from_files(cls, root: Path, files: dict[Path, set[str] | None]) -> "Checkpoint":
+        """Read every header; `files` maps a shard to the keys its index claims (None: no index)."""
+        found: dict[str, TensorInfo] = {}
+        for path in sorted(files, key=lambda p: p.name):
+            claimed = files[path]
+            tensors, _, _ = read_header(path)
+            for key, info in tensors.items():
+                if key in found:
+                    raise CheckpointError(
+                        f"{path}: tensor {_q(key)} is also in {found[key].file}; a key must live in one shard"
+                    )
+                # A shard key the index does not name is an error, not a warning: loaders follow the
+                # index and would silently drop it, so the checkpoint is not what it looks like.
+                if claimed is not None and key not in claimed:
+                    raise CheckpointError(
+                        f"{path}: tensor {_q(key)} is in this shard but the index does not map it here; the index is stale or wrong"
+                    )
+                found[key] = info
+            if claimed is not None:
+                missing = sorted(claimed - tensors.keys(), key=natural_key)
+                if missing:
+                    raise CheckpointError(
+                        f"{path}: the index maps tensor {_q(missing[0])} to this shard but the shard lacks it"
+                        f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; the index is stale or the shard incomplete"
+                    )
+        config = None
+        config_path = root / "config.json"
+        if config_path.is_file():
+            config = _load_json(config_path, "config")
+            if not isinstance(config, dict):
+                raise CheckpointError(f"{config_path}: config is not a JSON object")
+        ordered = {key: found[key] for key in sorted(found, key=natural_key)}
+        return cls(root, sorted(files, key=lambda p: p.name), ordered, config)
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def _handle(self, file: Path):
+        handle = self._handles.get(file)
+        if handle is None:
+            with self._lock:
+                handle = self._handles.get(file)
+                if handle is None:
+                    try:
+                        handle = safe_open(str(file), framework="pt", device="cpu")
+                    except Exception as error:  # safetensors raises its own error types
+                        raise CheckpointError(f"{file}: cannot open: {error}") from None
+                    self._handles[file] = handle
+        return handle
+
+    def read(self, key: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """The tensor, or rows start:stop of its first axis, read via the mmap (never a whole shard)."""
+        info = self.tensors.get(key)
+        if info is None:
+            raise CheckpointError(f"{self.root}: no tensor {_q(key)} in this checkpoint")
+        handle = self._handle(info.file)
+        if not info.shape:
+            if start is not None or stop is not None:
+                raise CheckpointError(f"{info.file}: tensor {_q(key)} is 0-d; it has no rows to slice")
+            return handle.get_tensor(key)
+        return handle.get_slice(key)[start:stop]
+
+    def close(self) -> None:
+        with self._lock:
+            self._handles.clear()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.root)!r}, {len(self.tensors)} tensors in {len(self.files)} files)"
