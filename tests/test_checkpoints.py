@@ -154,6 +154,17 @@ def test_per_expert_build_is_deterministic(tmp_path, qwen3_moe_dir):
     assert (other / "model.safetensors").read_bytes() != (qwen3_moe_dir / "model.safetensors").read_bytes()
 
 
+def test_per_expert_other_dtype(tmp_path):
+    out = ck.build_per_expert("olmoe", tmp_path / "f32", dtype=torch.float32, layers=1, experts=8)
+    sd = ck.read_checkpoint(out)
+    assert all(t.dtype == torch.float32 for t in sd.values())
+    assert ck.expert_key("olmoe", 0, 7, "down") in sd and json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    model, info = ck.load_model(out)
+    ck.assert_clean_load(info)
+    assert torch.equal(ck.model_logits(model), ck.model_logits(ck.make_per_expert_model("olmoe", layers=1, experts=8,
+                                                                                        dtype=torch.float32)))
+
+
 def test_sharded_per_expert(sharded_mixtral_dir, mixtral_dir):
     index = json.loads((sharded_mixtral_dir / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
@@ -292,3 +303,17 @@ def test_gpt_oss_build_is_deterministic(tmp_path, gpt_oss_mxfp4_dir):
     again = ck.build_gpt_oss_mxfp4(tmp_path / "again")
     for file in ck.checkpoint_files(gpt_oss_mxfp4_dir):
         assert (again / file.name).read_bytes() == file.read_bytes()
+
+
+def test_mxfp4_dequantize_load_needs_no_accelerate_kernels_or_triton(tiny_gpt_oss_example_dir, monkeypatch):
+    """What loading MXFP4 on CPU needs (transformers 5.24): with Mxfp4Config(dequantize=True) nothing
+    beyond torch; without it, the quantizer insists on accelerate before anything else."""
+    import transformers.quantizers.quantizer_mxfp4 as q
+    from transformers import Mxfp4Config
+
+    for name in ("is_accelerate_available", "is_kernels_available", "is_triton_available"):
+        monkeypatch.setattr(q, name, lambda *a, **k: False)
+    info = ck.loading_info(tiny_gpt_oss_example_dir, quantization_config=Mxfp4Config(dequantize=True))
+    ck.assert_clean_load(info)
+    with pytest.raises(ImportError, match="accelerate"):
+        ck.loading_info(tiny_gpt_oss_example_dir, quantization_config=Mxfp4Config())
