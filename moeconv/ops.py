@@ -1,0 +1,295 @@
+"""Ops: small pure tensor functions registered by name. Their keyword-only parameters ARE the schema
+recipes are checked against (`check_params`), and every op also runs on the meta device, so the plan
+learns output dtypes and shapes without data (`infer`).
+
+An op receives whole tensors or row blocks of their leading axis (the executor streams expert by
+expert): `Op.touches_leading_axis(params, ndim)` says whether op(x[a:b]) can differ from op(x)[a:b],
+in which case the executor must route rows itself or materialize the tensor.
+
+Every output is contiguous: its bytes are written as they are.
+"""
+
+import difflib
+import inspect
+import typing
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+
+from moeconv import mxfp4
+from moeconv.dtypes import USER_DTYPES
+from moeconv.errors import OpError, RecipeError
+
+DtypeName = Literal[tuple(USER_DTYPES)]  # "bf16", "bfloat16", "fp16", ... (one list, in dtypes.py)
+Order = Literal["gate-first", "up-first"]
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    fn: Callable  # fn(*tensors, **params) -> Tensor | tuple[Tensor, ...]
+    n_inputs: int | None  # exact number of input tensors; None = one or more
+    inverse: str | None  # name of the inverse op, None when there is none (lossy)
+    doc: str  # one line, shown by `moeconv ops` and in recipe errors
+    leading: Callable[[dict, int], bool]  # (params with defaults, input ndim) -> touches axis 0
+
+    def params(self) -> dict[str, inspect.Parameter]:
+        """The keyword-only parameters of fn: the op's recipe schema."""
+        return {
+            name: p for name, p in inspect.signature(self.fn).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
+        }
+
+    def defaults(self) -> dict:
+        return {name: p.default for name, p in self.params().items() if p.default is not inspect.Parameter.empty}
+
+    def touches_leading_axis(self, params: dict, ndim: int) -> bool:
+        """True if op(x[a:b]) != op(x)[a:b] in general (slicing every input's axis 0 alike)."""
+        if ndim == 0:
+            return True
+        return self.leading({**self.defaults(), **params}, ndim)
+
+    def signature(self) -> str:
+        """'transpose(x, *, dim0: int, dim1: int)' for listings and error messages."""
+        return f"{self.name}{inspect.signature(self.fn)}".replace("'", "")
+
+
+OPS: dict[str, Op] = {}
+
+
+def register(name: str, *, inverse: str | None = None, n_inputs: int | None = 1, leading: Callable[[dict, int], bool]):
+    """Decorator: register fn as op `name`. `leading(params, ndim)` answers touches_leading_axis."""
+
+    def decorate(fn: Callable) -> Callable:
+        doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        OPS[name] = Op(name, fn, n_inputs, inverse, doc, leading)
+        return fn
+
+    return decorate
+
+
+def get_op(name: str) -> Op:
+    try:
+        return OPS[name]
+    except (KeyError, TypeError):
+        pass
+    close = difflib.get_close_matches(str(name), OPS, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise RecipeError(f"unknown op '{name}'{hint}; known ops: {', '.join(sorted(OPS))}")
+
+
+# ---- parameter schema ---------------------------------------------------------------------------
+
+
+def _describe(annotation) -> str:
+    if typing.get_origin(annotation) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(annotation)))
+    if typing.get_origin(annotation) is list:
+        return f"a list of {typing.get_args(annotation)[0].__name__}"
+    return f"an {annotation.__name__}" if annotation.__name__[0] in "aeiou" else f"a {annotation.__name__}"
+
+
+def _fits(value, annotation) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return value in typing.get_args(annotation) and isinstance(value, str | int)
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        return isinstance(value, list) and all(_fits(v, item) for v in value)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def check_params(op_name: str, params: dict) -> dict:
+    """Validate names and types against the op's keyword-only signature; returns params with defaults."""
+    op = get_op(op_name)
+    schema = op.params()
+    hints = typing.get_type_hints(op.fn)
+    allowed = ", ".join(
+        f"{n} ({_describe(hints[n])}{', required' if p.default is inspect.Parameter.empty else f', default {p.default!r}'})"
+        for n, p in schema.items()
+    ) or "none"
+    for name in params:
+        if name not in schema:
+            close = difflib.get_close_matches(str(name), schema, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise RecipeError(f"{op_name}: unknown parameter '{name}'{hint}; parameters: {allowed}")
+    checked = {}
+    for name, p in schema.items():
+        if name not in params:
+            if p.default is inspect.Parameter.empty:
+                raise RecipeError(f"{op_name}: missing required parameter '{name}' ({_describe(hints[name])})")
+            checked[name] = p.default
+            continue
+        value = params[name]
+        if not _fits(value, hints[name]):
+            raise RecipeError(f"{op_name}: parameter '{name}' must be {_describe(hints[name])}, got {value!r}")
+        checked[name] = value
+    return checked
+
+
+# ---- running ------------------------------------------------------------------------------------
+
+
+def apply(op_name: str, tensors: list[torch.Tensor], params: dict) -> list[torch.Tensor]:
+    """Run op on tensors; always returns a list (split/unstack return several)."""
+    op = get_op(op_name)
+    checked = check_params(op_name, params)
+    if op.n_inputs is None and not tensors:
+        raise OpError(f"{op_name}: needs at least one input tensor")
+    if op.n_inputs is not None and len(tensors) != op.n_inputs:
+        raise OpError(f"{op_name}: takes {op.n_inputs} input tensor(s), got {len(tensors)}")
+    result = op.fn(*tensors, **checked)
+    return list(result) if isinstance(result, tuple | list) else [result]
+
+
+def infer(op_name: str, specs: list[tuple[torch.dtype, tuple[int, ...]]], params: dict) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+    """Output (dtype, shape) of an op from input (dtype, shape)s alone, by running it on the meta device."""
+    metas = [torch.empty(tuple(shape), dtype=dtype, device="meta") for dtype, shape in specs]
+    try:
+        outputs = apply(op_name, metas, params)
+    except RuntimeError as error:  # a shape problem torch found before ours did
+        raise OpError(f"{op_name}: {str(error).splitlines()[0]}") from None
+    return [(t.dtype, tuple(t.shape)) for t in outputs]
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+
+def _dim(op: str, dim: int, ndim: int, what: str = "dim") -> int:
+    """Normalize a possibly negative dim against ndim, or a clear OpError."""
+    if not -ndim <= dim < ndim:
+        raise OpError(f"{op}: {what} {dim} is out of range for a {ndim}-d tensor (use {-ndim}..{ndim - 1})")
+    return dim % ndim
+
+
+def _is_0(dim: int, ndim: int) -> bool:
+    """dim normalizes to 0 (an out-of-range dim counts as touching: the op will refuse it anyway)."""
+    return not -ndim <= dim < ndim or dim % ndim == 0
+
+
+def _along_dim_0(params: dict, ndim: int) -> bool:
+    return _is_0(params["dim"], ndim)
+
+
+def _along_new_dim_0(params: dict, ndim: int) -> bool:  # stack: dim counts in the output, ndim + 1
+    return _along_dim_0(params, ndim + 1)
+
+
+def _same(op: str, xs: tuple[torch.Tensor, ...], skip: int | None) -> None:
+    """All inputs agree in dtype, ndim and every dim but `skip`."""
+    first = xs[0]
+    for x in xs[1:]:
+        if x.dtype != first.dtype:
+            raise OpError(f"{op}: inputs differ in dtype: {first.dtype} vs {x.dtype}")
+        if x.dim() != first.dim():
+            raise OpError(f"{op}: inputs differ in rank: {list(first.shape)} vs {list(x.shape)}")
+        for d in range(first.dim()):
+            if d != skip and x.shape[d] != first.shape[d]:
+                raise OpError(f"{op}: inputs differ in dim {d}: {list(first.shape)} vs {list(x.shape)}")
+
+
+# ---- the ops ------------------------------------------------------------------------------------
+
+
+@register("concat", inverse="split", n_inputs=None, leading=_along_dim_0)
+def concat(*xs: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Join tensors along an existing dim (e.g. gate [I, H] + up [I, H] -> [2I, H])."""
+    d = _dim("concat", dim, xs[0].dim())
+    _same("concat", xs, skip=d)
+    return torch.cat(xs, dim=d)  # contiguous
+
+
+@register("split", inverse="concat", leading=_along_dim_0)
+def split(x: torch.Tensor, *, dim: int = 0, parts: int = 2) -> tuple[torch.Tensor, ...]:
+    """Cut a tensor into `parts` equal pieces along dim (e.g. [2I, H] -> gate [I, H], up [I, H])."""
+    d = _dim("split", dim, x.dim())
+    if parts < 1 or x.shape[d] % parts:
+        raise OpError(f"split: dim {dim} of {list(x.shape)} has size {x.shape[d]}, not divisible into {parts} equal parts")
+    return tuple(piece.contiguous() for piece in torch.split(x, x.shape[d] // parts, dim=d))
+
+
+@register("stack", inverse="unstack", n_inputs=None, leading=_along_new_dim_0)
+def stack(*xs: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Stack equal-shaped tensors along a new dim (E experts [2I, H] -> [E, 2I, H])."""
+    d = _dim("stack", dim, xs[0].dim() + 1)
+    _same("stack", xs, skip=None)
+    return torch.stack(xs, dim=d)
+
+
+@register("unstack", inverse="stack", leading=_along_dim_0)
+def unstack(x: torch.Tensor, *, dim: int = 0) -> tuple[torch.Tensor, ...]:
+    """Split a tensor into its slices along dim, removing it ([E, 2I, H] -> E x [2I, H])."""
+    d = _dim("unstack", dim, x.dim())
+    return tuple(piece.contiguous() for piece in x.unbind(d))
+
+
+def _transpose_leading(params: dict, ndim: int) -> bool:
+    d0, d1 = params["dim0"], params["dim1"]
+    return (_is_0(d0, ndim) or _is_0(d1, ndim)) and d0 % ndim != d1 % ndim
+
+
+@register("transpose", inverse="transpose", leading=_transpose_leading)
+def transpose(x: torch.Tensor, *, dim0: int, dim1: int) -> torch.Tensor:
+    """Swap two dims, contiguous result ([E, 2I, H] -> [E, H, 2I] with dim0 = 1, dim1 = 2)."""
+    d0, d1 = _dim("transpose", dim0, x.dim(), "dim0"), _dim("transpose", dim1, x.dim(), "dim1")
+    return x.transpose(d0, d1).contiguous()
+
+
+def _pairs(op: str, x: torch.Tensor, dim: int) -> tuple[int, int]:
+    d = _dim(op, dim, x.dim())
+    if x.shape[d] % 2:
+        raise OpError(f"{op}: dim {dim} of {list(x.shape)} has odd size {x.shape[d]}; gate/up rows come in pairs")
+    return d, x.shape[d] // 2
+
+
+@register("deinterleave", inverse="interleave", leading=_along_dim_0)
+def deinterleave(x: torch.Tensor, *, dim: int, order: Order = "gate-first") -> torch.Tensor:
+    """Rows g0 u0 g1 u1 .. along dim (gpt-oss: even = gate, odd = up) -> halves g.. u.. (or u.. g..)."""
+    d, n = _pairs("deinterleave", x, dim)
+    halves = x.unflatten(d, (n, 2)).transpose(d, d + 1)  # [.., 2, n, ..]: 0 = gate, 1 = up
+    if order == "up-first":
+        halves = halves.flip(d)
+    return halves.reshape(x.shape).contiguous()
+
+
+@register("interleave", inverse="deinterleave", leading=_along_dim_0)
+def interleave(x: torch.Tensor, *, dim: int, order: Order = "gate-first") -> torch.Tensor:
+    """Halves g.. u.. (or u.. g.. with up-first) along dim -> rows g0 u0 g1 u1 .. (gpt-oss order)."""
+    d, n = _pairs("interleave", x, dim)
+    halves = x.unflatten(d, (2, n))  # [.., 2, n, ..]
+    if order == "up-first":
+        halves = halves.flip(d)  # now 0 = gate, 1 = up
+    return halves.transpose(d, d + 1).reshape(x.shape).contiguous()  # [.., n, 2, ..] -> g0 u0 g1 u1 ..
+
+
+def _never(params: dict, ndim: int) -> bool:
+    return False
+
+
+@register("cast", leading=_never)
+def cast(x: torch.Tensor, *, dtype: DtypeName) -> torch.Tensor:
+    """Convert to bf16 / fp16 / fp32; a finite value that would become inf is an error, never silent."""
+    target = USER_DTYPES[dtype]
+    y = x.to(target).contiguous()
+    if not x.is_meta and y.is_floating_point() and torch.isinf(y).any():
+        overflow = torch.isinf(y) & ~torch.isinf(x.to(torch.float64) if not x.is_floating_point() else x)
+        count = int(overflow.sum())
+        if count:
+            largest = float(x[overflow].abs().max())
+            raise OpError(
+                f"cast: {count} value(s) overflow {dtype} (largest magnitude {largest:.6g}, "
+                f"{dtype} max {torch.finfo(target).max:.6g}); keep a wider dtype"
+            )
+    return y
+
+
+def _mxfp4_leading(params: dict, ndim: int) -> bool:
+    return ndim <= 2  # blocks [G, 16]: axis 0 is the group axis and the output's axis 0 is 32x longer
+
+
+@register("dequantize-mxfp4", n_inputs=2, leading=_mxfp4_leading)
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, *, dtype: DtypeName = "bf16") -> torch.Tensor:
+    """MXFP4 U8 blocks [.., G, 16] + U8 scales [.., G] -> [.., G*32] (source row orientation), bit-exact."""
+    return mxfp4.dequantize(blocks, scales, dtype=USER_DTYPES[dtype])
