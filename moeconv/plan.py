@@ -39,6 +39,7 @@ class Value:
     variables: dict[str, str]
     sources: tuple[str, ...]
     ops: tuple[str, ...] = ()
+    rules: tuple[str, ...] = ()  # earlier rules that produced the inputs (cascade)
 
 
 @dataclass
@@ -147,7 +148,7 @@ class _Planner:
                         raise PlanError(
                             f"{rule.where} writes '{key}' twice; put the split/unstack variable in 'target'"
                         )
-                    produced[key] = Entry(value.node, value.sources, (rule.name,), value.ops)
+                    produced[key] = Entry(value.node, value.sources, value.rules + (rule.name,), value.ops)
         for key in consumed:
             del self.namespace[key]
         for key, entry in produced.items():
@@ -189,7 +190,7 @@ class _Planner:
             for name in names:
                 key = matches[name][groups]
                 entry = self.namespace[key]
-                values.append(Value(entry.node, {}, entry.sources, entry.ops))
+                values.append(Value(entry.node, {}, entry.sources, entry.ops, entry.rules))
             return values
 
         if rule.group is None:
@@ -229,7 +230,7 @@ class _Planner:
                 parts = [member[j] for member in per_member]
                 node = self._op_node(rule, stack_step, [p.node for p in parts], 0, where=label)
                 sources = tuple(s for p in parts for s in p.sources)
-                stacked.append(Value(node, parts[0].variables, sources, parts[0].ops + (stack_step.describe(),)))
+                stacked.append(Value(node, parts[0].variables, sources, parts[0].ops + (stack_step.describe(),), parts[0].rules))
             yield dict(rest), self._steps(rule, rule.steps[split_at + 1 :], stacked, where=label)
 
     def _expected_count(self, rule: Rule) -> tuple[int | None, str]:
@@ -253,7 +254,8 @@ class _Planner:
                 node = self._op_node(rule, step, [v.node for v in values], 0, where)
                 merged = {k: v for value in values for k, v in value.variables.items()}
                 sources = tuple(s for value in values for s in value.sources)
-                values = [Value(node, merged, sources, values[0].ops + (step.describe(),))]
+                rules = tuple(dict.fromkeys(r for value in values for r in value.rules))
+                values = [Value(node, merged, sources, values[0].ops + (step.describe(),), rules)]
         return values
 
     def _unary(self, rule: Rule, step: OpStep, value: Value, where: str) -> list[Value]:
@@ -266,7 +268,7 @@ class _Planner:
             if len(outputs) > 1:
                 label = step.names[index] if step.names else str(index)
                 variables[step.fanout_var or ("part" if step.op == "split" else "index")] = label
-            results.append(Value(node, variables, value.sources, value.ops + (step.describe(),)))
+            results.append(Value(node, variables, value.sources, value.ops + (step.describe(),), value.rules))
         return results
 
     def _op_node(self, rule: Rule, step: OpStep, inputs: list[Node], index: int, where: str) -> OpNode:

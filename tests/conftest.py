@@ -12,20 +12,11 @@ treat them as READ-ONLY (copy with shutil.copytree into tmp_path before changing
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-import checkpoints as ck
-
-# tests/checkpoints.py is imported as `checkpoints` (pytest puts tests/ on sys.path) or as
-# `tests.checkpoints` (needs the repo root on sys.path; bare `pytest` does not add it). Make both work
-# and make them the same module object.
-_ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:
-    sys.path.append(_ROOT)
-sys.modules.setdefault("tests.checkpoints", ck)
+import checkpoints as ck  # tests/ is on sys.path (pytest's rootdir conftest insertion)
 
 _built: dict[str, Path] = {}
 
