@@ -12,22 +12,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from moeconv.display import human_bytes, print_all
 from moeconv.keys import collapse_keys, natural_key
 from moeconv.source import Checkpoint, TensorInfo
 
 ALIGN = 16  # what "aligned" means here: the data of a tensor starts at a multiple of 16 bytes
-
-
-def human_bytes(count: int) -> str:
-    """1536 -> '1.5 KiB'; exact bytes below 1 KiB."""
-    if count < 1024:
-        return f"{count} B"
-    value = float(count)
-    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
-        value /= 1024
-        if value < 1024 or unit == "PiB":
-            return f"{value:.2f} {unit}"
-    raise AssertionError("unreachable")
 
 
 def _relative(info: TensorInfo, root: Path) -> str:
@@ -158,21 +147,10 @@ def render(checkpoint: Checkpoint, console: Console) -> None:
     total = sum(info.nbytes for info in checkpoint.tensors.values())
     aligned = sum(info.begin % ALIGN == 0 for info in checkpoint.tensors.values())
     count = len(checkpoint.tensors)
-    # Off a terminal (pipes, tests) print at full width so every row stays one greppable line
-    # (Console.print cannot widen past the console's width, hence a console of our own).
-    if not console.is_terminal:
-        width = max(console.width, _natural_width(table, console), _natural_width(dtype_table, console))
-        console = Console(file=console.file, width=width, soft_wrap=True, color_system=None, highlight=False)
-    for part in (table, "", dtype_table, ""):
-        console.print(part, markup=False, highlight=False)
+    print_all(console, table, "", dtype_table, "")
     console.print(
         f"total: {count} tensors, {human_bytes(total)} ({total} bytes), {len(checkpoint.files)} files, "
         f"{aligned}/{count} {ALIGN}-byte aligned",
         markup=False,
         highlight=False,
     )
-
-
-def _natural_width(table: Table, console: Console) -> int:
-    measurement = table.__rich_measure__(console, console.options.update(width=1_000_000))
-    return measurement.maximum

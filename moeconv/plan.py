@@ -94,7 +94,7 @@ class Plan:
 
     def to_json(self) -> dict:
         return {
-            "source": str(self.source.root),
+            "source": self.source.origin,
             "recipes": [r.origin for r in self.recipes],
             "align": self.align,
             **self.report.to_json(),
@@ -230,7 +230,7 @@ class _Planner:
                 parts = [member[j] for member in per_member]
                 node = self._op_node(rule, stack_step, [p.node for p in parts], 0, where=label)
                 sources = tuple(s for p in parts for s in p.sources)
-                stacked.append(Value(node, parts[0].variables, sources, parts[0].ops + (stack_step.describe(),), parts[0].rules))
+                stacked.append(Value(node, parts[0].variables, sources, parts[0].ops + (stack_step.describe(self._params(stack_step)),), parts[0].rules))
             yield dict(rest), self._steps(rule, rule.steps[split_at + 1 :], stacked, where=label)
 
     def _expected_count(self, rule: Rule) -> tuple[int | None, str]:
@@ -255,7 +255,7 @@ class _Planner:
                 merged = {k: v for value in values for k, v in value.variables.items()}
                 sources = tuple(s for value in values for s in value.sources)
                 rules = tuple(dict.fromkeys(r for value in values for r in value.rules))
-                values = [Value(node, merged, sources, values[0].ops + (step.describe(),), rules)]
+                values = [Value(node, merged, sources, values[0].ops + (step.describe(self._params(step)),), rules)]
         return values
 
     def _unary(self, rule: Rule, step: OpStep, value: Value, where: str) -> list[Value]:
@@ -268,7 +268,7 @@ class _Planner:
             if len(outputs) > 1:
                 label = step.names[index] if step.names else str(index)
                 variables[step.fanout_var or ("part" if step.op == "split" else "index")] = label
-            results.append(Value(node, variables, value.sources, value.ops + (step.describe(),), value.rules))
+            results.append(Value(node, variables, value.sources, value.ops + (step.describe(params),), value.rules))
         return results
 
     def _op_node(self, rule: Rule, step: OpStep, inputs: list[Node], index: int, where: str) -> OpNode:
@@ -372,7 +372,7 @@ def build_plan(
         tensors=tensors,
         shards=shards,
         config=config,
-        companion_files=companions.companion_files(source.root),
+        companion_files=companions.companion_files(source.root, source.listing),
         report=check_load(planned, config),
         warnings=planner.warnings,
         align=align,

@@ -44,8 +44,9 @@ class OpStep:
     fanout_var: str | None = None  # template variable set by split/unstack
     names: tuple[str, ...] | None = None  # values of that variable (split parts)
 
-    def describe(self) -> str:
-        args = ", ".join(f"{k}={v}" for k, v in self.params.items())
+    def describe(self, params: dict | None = None) -> str:
+        """'transpose(dim0=1, dim1=2)', with `params` (resolved "$dtype") when given."""
+        args = ", ".join(f"{k}={v}" for k, v in (params or self.params).items())
         return f"{self.op}({args})"
 
 

@@ -6,17 +6,10 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
+from moeconv.display import human_bytes, print_all
 from moeconv.keys import collapse_keys
 from moeconv.plan import Plan
 from moeconv.report import render_report
-
-
-def human_bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if count < 1024 or unit == "TiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.2f} {unit}"
-        count /= 1024
-    raise AssertionError
 
 
 def render_plan(plan: Plan, console: Console) -> None:
@@ -36,14 +29,12 @@ def render_plan(plan: Plan, console: Console) -> None:
     first_keys = {tensor.key: i for i, tensor in enumerate(plan.tensors.values())}
     for row in sorted(rows, key=lambda r: first_keys[r[0]]):
         table.add_row(*row[1:])
-    console.print(table)
-
     shards = Table(title="shards", title_justify="left")
     for column in ("file", "tensors", "bytes", f"not {plan.align}-aligned"):
         shards.add_column(column)
     for layout in plan.shards:
         shards.add_row(layout.name, str(len(layout.order)), human_bytes(layout.size), str(len(layout.misaligned)))
-    console.print(shards)
+    print_all(console, table, shards)
     if plan.companion_files:
         console.print(f"copied: config.json, {', '.join(plan.companion_files)}", highlight=False)
     for warning in plan.warnings:

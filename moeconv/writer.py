@@ -244,7 +244,7 @@ class ShardWriter:
         self._done = 0  # bytes of it written so far
         self._finished = False
         try:
-            fd, temp = tempfile.mkstemp(dir=self.out_dir, prefix=f".{layout.name}.", suffix=".tmp")
+            fd, temp = _temp_file(self.final)
         except OSError as error:
             raise WriteError(f"{self.final}: cannot create a file in {self.out_dir}: {error.strerror or error}") from None
         self.temp = Path(temp)
@@ -339,11 +339,23 @@ class ShardWriter:
         self.close()
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def _temp_file(final: Path) -> tuple[int, str]:
+    """A hidden temp file next to `final`, with the permissions a plain open() would give
+    (mkstemp makes it 0600, and a served checkpoint must be readable by others)."""
+    fd, temp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~_UMASK)
+    return fd, temp
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` via a temp file in the same folder, fsync and rename."""
     path = Path(path)
     try:
-        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, temp = _temp_file(path)
     except OSError as error:
         raise WriteError(f"{path}: cannot create a file in {path.parent}: {error.strerror or error}") from None
     try:
