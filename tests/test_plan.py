@@ -1,6 +1,7 @@
 """Planner and executor on small synthetic per-expert checkpoints (no transformers needed)."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -233,3 +234,12 @@ def test_companion_files_are_copied_but_not_subfolders(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "chat_template.jinja", "config.json", "model.safetensors", "moeconv-report.json", "tokenizer_config.json"
     ]
+
+
+def test_output_files_are_readable_by_others(tmp_path):
+    make_mixtral_like(tmp_path / "src")
+    execute(plan_for(tmp_path / "src", load_preset("fuse-experts")), tmp_path / "out")
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (tmp_path / "out").iterdir():
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path.name
