@@ -31,7 +31,7 @@ FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2
 # Scale bytes whose power of two 2**(s-127) the working dtype holds exactly (others: exact path).
 _SCALE_WINDOW = {torch.bfloat16: (0, 254), torch.float16: (127 - 24, 127 + 15)}
 _FP16_OVERFLOW_SCALE = 127 + 14  # 4 * 2**14 = 65536 is the first magnitude fp16 cannot hold
-_CHUNK_GROUPS = 8192  # groups per chunk: 128 KiB of blocks -> 512 KiB of bf16 output
+_CHUNK_GROUPS = 65536  # groups per chunk: 1 MiB of blocks -> 4 MiB of bf16 (measured best: per-op overhead vs cache)
 
 _tables: dict[tuple, torch.Tensor] = {}
 
