@@ -111,20 +111,26 @@ def convert_command(
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest shard, e.g. 5GB, 500MB, 2GiB.")] = "5GB",
     dtype: Annotated[str | None, typer.Option("--dtype", help="Write every floating-point tensor as bf16, fp16 or fp32.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the contents of a non-empty output folder.")] = False,
+    revision: Annotated[str | None, typer.Option("--revision", help="Hub repo ids: branch, tag or commit to convert (default: main).")] = None,
+    token: Annotated[str | None, typer.Option("--token", help="Hub repo ids: access token (default: HF_TOKEN or the stored login).")] = None,
+    low_disk: Annotated[bool, typer.Option("--low-disk", help="Hub repo ids: fetch each shard when first needed and delete it from the huggingface_hub cache once converted.")] = False,
 ) -> None:
-    """Convert a checkpoint with ordered rules (presets and recipes) and write a load report."""
+    """Convert a checkpoint with ordered rules (presets and recipes) and write a load report.
+
+    SRC is a local folder or file, or a hub repo id (org/name) read through huggingface_hub (its cache,
+    HF_TOKEN, HF_HUB_OFFLINE); a local path that exists wins. A dry run of a repo id reads headers only."""
     from moeconv.dtypes import parse_user_dtype
     from moeconv.execute import execute
+    from moeconv.hub import fetch_inputs, open_source
     from moeconv.plan import build_plan
     from moeconv.render import progress_bar, render_plan
-    from moeconv.source import Checkpoint
 
     shard_bytes = parse_size(max_shard_size)
     run_dtype = parse_user_dtype(dtype) if dtype else None
     recipes = load_recipes(preset, recipe)
     if not recipes:
         raise typer.BadParameter("give at least one --preset or --recipe (see `moeconv presets`)")
-    source = Checkpoint.open(src)
+    source = open_source(src, revision=revision, token=token, low_disk=low_disk)
     plan = build_plan(source, recipes, dtype=run_dtype, align=align, max_shard_size=shard_bytes, strict=strict)
     refused = strict and plan.report.checked and not plan.report.ok()
     if dry_run or refused:
@@ -136,8 +142,9 @@ def convert_command(
             stderr.print("error: the load report is not clean (--strict); nothing was written", highlight=False)
             raise typer.Exit(3)
         return
+    fetch_inputs(plan, low_disk=low_disk)  # hub repo ids: download what the plan reads (no-op for local paths)
     with progress_bar(stderr, plan, enabled=stderr.is_terminal and not json_output) as progress:
-        report = execute(plan, out, overwrite=overwrite, progress=progress)
+        report = execute(plan, out, overwrite=overwrite, progress=progress, low_disk=low_disk)
     if json_output:
         stdout.print_json(data=report)
     else:

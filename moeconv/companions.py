@@ -16,14 +16,18 @@ MAX_COMPANION_BYTES = 64 * 2**20
 TORCH_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
-def companion_files(root: Path) -> list[str]:
-    """Names of the small root-level files to copy (never from subfolders such as original/)."""
+def companion_files(root: Path, listing: dict[str, int | None] | None = None) -> list[str]:
+    """Names of the small root-level files to copy (never from subfolders such as original/).
+
+    `listing` (root-level name -> size) stands in for the folder when the source is remote."""
+    if listing is None:
+        listing = {path.name: path.stat().st_size for path in root.iterdir() if path.is_file()}
     names = []
-    for path in sorted(root.iterdir()):
-        if not path.is_file() or path.name in SKIPPED or path.name.endswith(".index.json"):
+    for name, size in sorted(listing.items()):
+        if "/" in name or name in SKIPPED or name.endswith(".index.json"):
             continue
-        if any(fnmatch.fnmatch(path.name, p) for p in COMPANION_PATTERNS) and path.stat().st_size <= MAX_COMPANION_BYTES:
-            names.append(path.name)
+        if any(fnmatch.fnmatch(name, p) for p in COMPANION_PATTERNS) and (size or 0) <= MAX_COMPANION_BYTES:
+            names.append(name)
     return names
 
 

@@ -30,3 +30,7 @@ class WriteError(MoeconvError):
 
 class InternalError(MoeconvError):
     """A produced chunk disagrees with the plan: a bug in moeconv, reported naming rule and key."""
+
+
+class HubError(MoeconvError):
+    """A hub repo cannot be used: not found, needs a token, offline and not cached, only pickled weights."""

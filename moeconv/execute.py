@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from moeconv.errors import InternalError, WriteError
+from moeconv.errors import InternalError, OpError, WriteError
 from moeconv.graph import chunk_rows
 from moeconv.plan import Plan, PlannedTensor
 from moeconv.writer import ShardWriter, atomic_write_bytes, write_index
@@ -39,7 +39,10 @@ def _chunks(tensor: PlannedTensor, budget: int):
 
 def _produce(tensor: PlannedTensor, rows: tuple[int, int] | None):
     node = tensor.node
-    chunk = node.whole() if rows is None else node.rows(*rows)
+    try:
+        chunk = node.whole() if rows is None else node.rows(*rows)
+    except OpError as error:  # data-dependent problems (fp16 overflow) only show up here
+        raise OpError(f"'{tensor.key}' (rule '{'/'.join(tensor.rules)}'): {error}") from None
     expected = node.shape if rows is None else (rows[1] - rows[0], *node.shape[1:])
     if tuple(chunk.shape) != tuple(expected) or chunk.dtype != node.dtype:
         raise InternalError(
@@ -110,6 +113,31 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def input_schedule(plan: Plan) -> tuple[dict[int, list[Path]], int]:
+    """--low-disk bookkeeping, from the plan alone: (output position -> input files no later output
+    tensor needs, so they can go once that tensor is written; the peak bytes of input files held).
+
+    Positions count output tensors in the order execute writes them (shard by shard). A file is
+    held from the first output tensor that reads it to the last one.
+    """
+    order = [spec.key for layout in plan.shards for spec in layout.order]
+    first: dict[Path, int] = {}
+    last: dict[Path, int] = {}
+    for position, key in enumerate(order):
+        for source_key in plan.tensors[key].sources:
+            file = plan.source.tensors[source_key].file
+            first.setdefault(file, position)
+            last[file] = position
+    size: dict[Path, int] = {}
+    for info in plan.source.tensors.values():  # a shard's data ends at its last byte
+        size[info.file] = max(size.get(info.file, 0), info.end)
+    release: dict[int, list[Path]] = {}
+    for file, position in last.items():
+        release.setdefault(position, []).append(file)
+    peak = max((sum(size[f] for f in first if first[f] <= p <= last[f]) for p in range(len(order))), default=0)
+    return release, peak
+
+
 def execute(
     plan: Plan,
     out_dir: str | Path,
@@ -117,15 +145,22 @@ def execute(
     overwrite: bool = False,
     chunk_bytes: int = CHUNK_BYTES,
     progress: Progress | None = None,
+    low_disk: bool = False,
 ) -> dict:
     """Write the planned checkpoint to `out_dir`: shards, index, config, small files, then the report.
 
     Every file is written under a temporary name and renamed when complete; the index and the
     report come last, so an interrupted run never leaves a folder that looks complete.
+    `low_disk` (hub sources only): each input shard is deleted (`Checkpoint.release_file`) as soon
+    as no later output tensor needs it; the report records it and the peak input bytes held.
     Returns the report that was written to `out_dir/moeconv-report.json`.
     """
     out_dir = Path(out_dir)
+    if low_disk and plan.source.evict is None:
+        raise WriteError(f"{plan.source.origin}: --low-disk deletes input shards, so it only works on hub repo ids, never on local files")
     prepare_output(out_dir, plan.source.root, overwrite)
+    release, peak_input = input_schedule(plan) if low_disk else ({}, 0)
+    position = 0
     written: list[Path] = []
     for layout in plan.shards:
         with ShardWriter(out_dir, layout) as writer:
@@ -136,6 +171,9 @@ def execute(
                     for rows in _chunks(tensor, chunk_bytes):
                         background.put(spec.key, _produce(tensor, rows))
                     tensor.node.release()
+                    for file in release.get(position, ()):
+                        plan.source.release_file(file)  # unlinking a mapped file is safe: queued chunks keep their pages
+                    position += 1
             finally:
                 background.close()
             written.append(writer.finish())
@@ -151,5 +189,7 @@ def execute(
         atomic_write_bytes(target, (json.dumps(plan.config, indent=2) + "\n").encode())
         written.append(target)
     report = {**plan.to_json(), "sha256": {path.name: _sha256(path) for path in written}}
+    if low_disk:
+        report.update(low_disk=True, peak_input_bytes=peak_input)
     atomic_write_bytes(out_dir / REPORT_NAME, (json.dumps(report, indent=2) + "\n").encode())
     return report

@@ -16,6 +16,7 @@ import json
 import math
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,7 +111,18 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]
         raise CheckpointError(f"{name}: header is not valid JSON ({error}); the file is corrupt") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{name}: header is JSON {type(header).__name__}, not an object; the file is corrupt")
+    return check_header(path, header, data_start, size)
 
+
+def check_header(path: Path, header: dict, data_start: int, size: int) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
+    """Validate a decoded header of the file at `path` (data buffer at `data_start`, file `size` bytes).
+
+    The one set of rules for every header, whether read from the file or fetched by ranged requests
+    from the hub: entries, dtypes, shapes vs byte counts, no holes or overlaps, buffer ends at `size`.
+    """
+    path = Path(path).absolute()
+    name = str(path)
+    header = dict(header)
     metadata = header.pop("__metadata__", None)
     if metadata is None:
         metadata = {}
@@ -196,13 +208,32 @@ class Checkpoint:
     """A safetensors checkpoint: every tensor's header entry, the shard files and config.json.
 
     Tensor data is read only by `read`, zero-copy from the memory-mapped shard.
+
+    A checkpoint planned from headers fetched remotely (moeconv.hub) has shard files that may not be
+    on disk yet: `fetch(path)` brings one there before its first read, `evict(path)` deletes one
+    (--low-disk), and `listing` names the source's root-level files with their sizes.
     """
 
-    def __init__(self, root: Path, files: list[Path], tensors: dict[str, TensorInfo], config: dict | None):
+    def __init__(
+        self,
+        root: Path,
+        files: list[Path],
+        tensors: dict[str, TensorInfo],
+        config: dict | None,
+        *,
+        origin: str | None = None,
+        listing: dict[str, int | None] | None = None,
+        fetch: Callable[[Path], None] | None = None,
+        evict: Callable[[Path], None] | None = None,
+    ):
         self.root = root
         self.files = files
         self.tensors = tensors
         self.config = config
+        self.origin = origin or str(root)  # what the user named: a path, or "org/name@commit"
+        self.listing = listing  # root-level file name -> size; None: read the folder
+        self.fetch = fetch
+        self.evict = evict
         self._handles: dict[Path, object] = {}
         self._lock = threading.Lock()
 
@@ -270,12 +301,48 @@ class Checkpoint:
         return shards
 
     @classmethod
-    def _from_files(cls, root: Path, files: dict[Path, set[str] | None]) -> "Checkpoint":
+    def from_headers(
+        cls,
+        root: Path,
+        headers: dict[str, tuple[dict, int, int]],
+        weight_map: dict[str, str] | None,
+        **hooks,
+    ) -> "Checkpoint":
+        """A checkpoint from already-decoded headers: file name -> (header JSON object, data start, file size).
+
+        The shard files need not exist (a hub repo planned from ranged header reads); the same checks
+        as for files on disk apply (`check_header`, index vs shards). `weight_map` is the index's
+        (None: no index). config.json is read from `root` if present. `hooks` go to the constructor.
+        """
+        root = Path(root).absolute()
+        files: dict[Path, set[str] | None] = {}
+        for name in headers:
+            relative = Path(name)
+            if relative.is_absolute() or ".." in relative.parts or len(relative.parts) != 1:
+                raise CheckpointError(f"{root}: shard {_q(name)} is not a root-level file of the checkpoint; refusing to read it")
+            files[root / name] = None if weight_map is None else set()
+        if weight_map is not None:
+            for key, name in weight_map.items():
+                if root / str(name) not in files:
+                    raise CheckpointError(f"{root}: the index maps tensor {_q(key)} to {_q(str(name))}, which has no header")
+                files[root / name].add(key)
+
+        def read(path: Path):
+            header, data_start, size = headers[path.name]
+            return check_header(path, header, data_start, size)
+
+        checkpoint = cls._from_files(root, files, read)
+        for name, value in hooks.items():
+            setattr(checkpoint, name, value)
+        return checkpoint
+
+    @classmethod
+    def _from_files(cls, root: Path, files: dict[Path, set[str] | None], read=read_header) -> "Checkpoint":
         """Read every header; `files` maps a shard to the keys its index claims (None: no index)."""
         found: dict[str, TensorInfo] = {}
         for path in sorted(files, key=lambda p: p.name):
             claimed = files[path]
-            tensors, _, _ = read_header(path)
+            tensors, _, _ = read(path)
             for key, info in tensors.items():
                 if key in found:
                     raise CheckpointError(
@@ -312,6 +379,8 @@ class Checkpoint:
             with self._lock:
                 handle = self._handles.get(file)
                 if handle is None:
+                    if self.fetch is not None:
+                        self.fetch(file)  # a remote shard: download it before the first read
                     try:
                         handle = safe_open(str(file), framework="pt", device="cpu")
                     except Exception as error:  # safetensors raises its own error types
@@ -330,6 +399,14 @@ class Checkpoint:
                 raise CheckpointError(f"{info.file}: tensor {_q(key)} is 0-d; it has no rows to slice")
             return handle.get_tensor(key)
         return handle.get_slice(key)[start:stop]
+
+    def release_file(self, file: Path) -> None:
+        """Close a shard and delete it through the `evict` hook (--low-disk); only remote sources have one."""
+        if self.evict is None:
+            raise CheckpointError(f"{self.origin}: a local checkpoint's files are never deleted (--low-disk is for hub repos)")
+        with self._lock:
+            self._handles.pop(file, None)
+        self.evict(file)
 
     def close(self) -> None:
         with self._lock:
