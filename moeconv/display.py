@@ -16,17 +16,16 @@ def human_bytes(count: int) -> str:
     raise AssertionError("unreachable")
 
 
-def wide_console(console: Console, *tables: Table) -> Console:
-    """Off a terminal (pipes, tests, CI logs) a console as wide as the widest table, so every row
-    stays one greppable line; on a terminal the console itself (rich wraps to the screen)."""
-    if console.is_terminal:
-        return console
-    widths = [t.__rich_measure__(console, console.options.update(width=1_000_000)).maximum for t in tables]
-    return Console(file=console.file, width=max([console.width, *widths]), soft_wrap=True, color_system=None, highlight=False)
-
-
 def print_all(console: Console, *parts: RenderableType) -> None:
-    """Print tables and lines, widened off a terminal (see wide_console)."""
-    console = wide_console(console, *(p for p in parts if isinstance(p, Table)))
-    for part in parts:
-        console.print(part, markup=False, highlight=False)
+    """Print tables and lines. Off a terminal (pipes, tests, CI logs) the console is widened to the
+    widest table for the duration, so every row stays one greppable line."""
+    width = console.width
+    if not console.is_terminal:
+        options = console.options.update(width=1_000_000)
+        widths = [p.__rich_measure__(console, options).maximum for p in parts if isinstance(p, Table)]
+        console.width = max([width, *widths])
+    try:
+        for part in parts:
+            console.print(part, highlight=False)
+    finally:
+        console.width = width

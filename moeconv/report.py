@@ -358,6 +358,8 @@ def render_report(report: LoadReport, console: Console) -> None:
     load could not be checked and why; or one line saying it is clean."""
     from rich.table import Table
 
+    from moeconv.display import print_all
+
     if not report.checked:
         console.print(f"[yellow]load report: not checked[/yellow] - {report.reason}")
         return
@@ -382,7 +384,7 @@ def render_report(report: LoadReport, console: Console) -> None:
             table.add_row(pattern, "[purple]MISMATCHED[/purple]", actual, expected)
     for pattern, members in collapse_keys(report.conversion_errors):
         table.add_row(pattern, "[red]CONVERSION ERROR[/red]", report.conversion_errors[members[0]], "")
-    console.print(table)
+    print_all(console, table)
     counts = f"{len(report.missing)} missing, {len(report.unexpected)} unexpected, {len(report.mismatched)} mismatched"
     if report.conversion_errors:
         counts += f", {len(report.conversion_errors)} conversion errors"
