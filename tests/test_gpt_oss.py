@@ -1,9 +1,11 @@
 """gpt-oss MXFP4 presets, checked against transformers' own dequantization and loading."""
 
 import json
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from checkpoints import dequantized_reference, loading_info, logits, read_checkpoint
@@ -127,3 +129,24 @@ def test_dry_run_reports_nothing_missing_or_unexpected(fixture, request, tmp_pat
     untouched.write_text("[[rule]]\nmatch = 'nothing'\ntarget = 'x'\n")
     report = json.loads(convert(source, tmp_path / "out", "--recipe", untouched, "--dry-run", "--json"))
     assert (report["missing"], report["unexpected"], report["mismatched"]) == ([], [], [])
+
+
+def test_fp16_overflow_names_the_tensor_and_leaves_nothing_complete(gpt_oss_mxfp4_dir, tmp_path):
+    source = tmp_path / "src"
+    shutil.copytree(gpt_oss_mxfp4_dir, source)
+    key = EXPERTS.format(1, "down_proj_scales")
+    index = json.loads((source / "model.safetensors.index.json").read_text())
+    shard = source / index["weight_map"][key]
+    tensors = load_file(str(shard))
+    tensors[key][0, 0, 0] = 127 + 20  # 2^20: every non-zero value of that block overflows fp16
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+
+    result = CliRunner().invoke(app, ["convert", str(source), str(tmp_path / "out"), "--preset", "gpt-oss-bf16", "--dtype", "fp16"])
+    assert result.exit_code == 1
+    line = result.stderr.strip()
+    assert "\n" not in line and "Traceback" not in result.output
+    assert f"'{EXPERTS.format(1, 'down_proj')}'" in line and "overflow" in line and "fp16" in line
+    assert not (tmp_path / "out" / "moeconv-report.json").exists()
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
+    # bf16 holds those values: the same source converts.
+    convert(source, tmp_path / "bf16", "--preset", "gpt-oss-bf16")
