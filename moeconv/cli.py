@@ -177,6 +177,19 @@ def presets_show(name: Annotated[str, typer.Argument(help="Preset name.")]) -> N
     print(preset_text(name), end="")
 
 
+# ---- ops -------------------------------------------------------------------------------------------
+
+
+@command("ops")
+def ops_command() -> None:
+    """List the ops recipes can use: parameters, inverse, what each does."""
+    from moeconv.ops import OPS
+
+    for name, op in sorted(OPS.items()):
+        inverse = f"  (inverse: {op.inverse})" if op.inverse else ""
+        stdout.print(f"{op.signature()}{inverse}\n    {op.doc}", highlight=False, markup=False)
+
+
 # ---- entry point -----------------------------------------------------------------------------------
 
 

@@ -60,7 +60,8 @@ class OpNode(Node):
         self.op, self.params, self.inputs, self.index = op, params, inputs, index
         self.dtype, self.shape = dtype, tuple(shape)
         in_ndim = len(inputs[0].shape)
-        self._dim = params.get("dim", 0) % max(in_ndim, 1) if "dim" in params else None
+        dim_ndim = len(self.shape) if op == "stack" else in_ndim  # stack's dim counts in its output
+        self._dim = params["dim"] % max(dim_ndim, 1) if "dim" in params else None
         self._leading = ops.get_op(op).touches_leading_axis(params, in_ndim)
         self._router = self._leading and self._route_rows()
         self.materializes = self._leading and self._router is None and in_ndim > 0

@@ -119,3 +119,13 @@ def test_unknown_preset_is_one_line_exit_1():
     assert result.exit_code == 1
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert "unknown preset 'fuse-expert'" in result.stderr and "fuse-experts" in result.stderr
+
+
+def test_ops_listing_names_every_op_with_its_parameters_and_inverse():
+    from moeconv.ops import OPS
+
+    result = CliRunner().invoke(app, ["ops"])
+    assert result.exit_code == 0
+    for name, op in OPS.items():
+        assert op.signature() in result.stdout
+    assert "transpose(x: torch.Tensor, *, dim0: int, dim1: int) -> torch.Tensor  (inverse: transpose)" in result.stdout
