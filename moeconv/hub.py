@@ -43,7 +43,7 @@ def open_source(src: str, *, revision: str | None = None, token: str | None = No
         return Checkpoint.open(src)
     from huggingface_hub import constants
 
-    if constants.is_offline_mode():
+    if constants.HF_HUB_OFFLINE:  # read from the environment when huggingface_hub is imported
         return _open_cached(src, revision, token)
     return _open_remote(src, revision, token)
 
@@ -73,6 +73,8 @@ def _hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
     from huggingface_hub import errors as hf
 
     at = f"{repo_id}@{revision}" if revision else repo_id
+    # Newer huggingface_hub versions add these; a missing one simply never matches.
+    not_cached = tuple(getattr(hf, name) for name in ("LocalEntryNotFoundError", "IncompleteSnapshotError", "DryRunError") if hasattr(hf, name))
     try:
         yield
     except hf.GatedRepoError:
@@ -81,8 +83,8 @@ def _hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
         raise HubError(f"{repo_id}: revision {revision!r} not found (a branch, tag or commit hash of the repo)") from None
     except hf.RepositoryNotFoundError:
         raise HubError(f"{at}: no such repo on the hub, or it is private and needs a token (--token or HF_TOKEN)") from None
-    except (hf.LocalEntryNotFoundError, hf.IncompleteSnapshotError, hf.DryRunError):
-        why = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else "the hub cannot be reached"
+    except not_cached:
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
         raise HubError(f"{at}: not in the huggingface_hub cache ({constants.HF_HUB_CACHE}) and {why}") from None
     except hf.EntryNotFoundError as error:
         raise HubError(f"{at}: a file is missing from the repo: {_first_line(error)}") from None
@@ -90,8 +92,8 @@ def _hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
         raise HubError(f"{repo_id}: not a valid repo id: {_first_line(error)}") from None
     except (hf.HfHubHTTPError, hf.SafetensorsParsingError, hf.NotASafetensorsRepoError, OSError) as error:
         raise HubError(f"{at}: hub request failed: {_first_line(error)}") from None
-    except Exception as error:  # huggingface_hub's HTTP client raises its own connection errors
-        if type(error).__module__.split(".")[0].startswith("httpx"):
+    except Exception as error:  # the HTTP client's own connection errors (httpx, or requests before 1.0)
+        if type(error).__module__.split(".")[0].startswith(("httpx", "requests", "urllib3")):
             raise HubError(f"{at}: cannot reach the hub ({type(error).__name__}); set HF_HUB_OFFLINE=1 to use the cache") from None
         raise
 

@@ -313,3 +313,10 @@ def test_missing_or_gated_repo_is_one_line_error(hf_cache, monkeypatch):
         result = convert("acme/x", "out", "-p", "gpt-oss-bf16", "--dry-run")
         assert result.exit_code == 1
         assert words in result.stderr and "--token or HF_TOKEN" in result.stderr and "\n" not in result.stderr.strip()
+
+
+def test_unreachable_hub_is_one_line_error(hf_cache, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the endpoint is a closed local port
+    result = convert(REPO, "out", "-p", "gpt-oss-bf16", "--dry-run")
+    assert result.exit_code == 1
+    assert "cannot reach the hub" in result.stderr and "HF_HUB_OFFLINE=1" in result.stderr and "\n" not in result.stderr.strip()
