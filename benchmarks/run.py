@@ -1,0 +1,246 @@
+#!/usr/bin/env python
+"""Time moeconv against transformers and the I/O floor, side by side in one run; print every figure.
+
+    python benchmarks/run.py --quick          # gpt-oss-20b width, 1 layer, small vocab + kernel (~3 min)
+    python benchmarks/run.py                  # the full set in benchmarks/RESULTS.md (~20 min, ~40 GB disk)
+    python benchmarks/run.py --data DIR       # where checkpoints go (default benchmarks/data/, git-ignored)
+
+Every contender runs as its own subprocess; wall time, user+sys CPU and peak RSS come from os.wait4
+(the child's own rusage, the figure `/usr/bin/time -v` prints as "Maximum resident set size").
+CPU utilisation = (user + sys) / wall: above 1.0 means both cores were busy.
+Page cache: as root, `sync; echo 3 > /proc/sys/vm/drop_caches` runs before every contender (cold
+reads for all); otherwise the run says caches were warm for all.
+The I/O floor: read every input .safetensors file once (16 MiB reads) and write the same number of
+bytes as moeconv's output, fsync, in one process: what the job costs with zero compute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+DROP = Path("/proc/sys/vm/drop_caches")
+
+
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        DROP.write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def run(cmd: list[str], label: str) -> dict:
+    """One contender as a subprocess: wall, cpu, peak RSS (its own rusage)."""
+    cold = drop_caches()
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    err = proc.stderr.read().decode(errors="replace")
+    if status != 0:
+        raise SystemExit(f"{label} failed ({status}):\n{err[-3000:]}")
+    cpu = usage.ru_utime + usage.ru_stime
+    result = {"label": label, "wall": wall, "cpu": cpu, "util": cpu / wall, "rss_gb": usage.ru_maxrss * 1024 / 1e9, "cold": cold}
+    print(f"  {label:<42} {wall:7.2f} s  cpu {cpu:6.1f} s  util {cpu / wall:4.2f}  peak RSS {result['rss_gb']:6.2f} GB", flush=True)
+    return result
+
+
+def size_of(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def make(data: Path, model: str, layers: int, vocab: int | None) -> Path:
+    name = f"{model}-L{layers}" + (f"-V{vocab}" if vocab else "")
+    path = data / name
+    if not (path / "config.json").is_file():
+        shutil.rmtree(path, ignore_errors=True)
+        cmd = [PY, str(REPO / "benchmarks" / "make_checkpoint.py"), model, str(path), "--layers", str(layers)]
+        subprocess.run(cmd + (["--vocab", str(vocab)] if vocab else []), check=True)
+    return path
+
+
+def moeconv(src: Path, out: Path, preset: str) -> list[str]:
+    return [PY, "-m", "moeconv", "convert", str(src), str(out), "--preset", preset, "--overwrite"]
+
+
+def io_floor(src: Path, out_bytes: int, out: Path) -> list[str]:
+    return [PY, __file__, "_floor", str(src), str(out_bytes), str(out)]
+
+
+def transformers(src: Path, out: Path, kind: str) -> list[str]:
+    return [PY, __file__, "_transformers", kind, str(src), str(out)]
+
+
+# -- child modes ------------------------------------------------------------------------------------
+
+
+def _floor(src: str, out_bytes: str, out: str) -> None:
+    buffer = bytearray(16 * 2**20)
+    view = memoryview(buffer)
+    for path in sorted(Path(src).glob("*.safetensors")):
+        with open(path, "rb", buffering=0) as handle:
+            while handle.readinto(view):
+                pass
+    Path(out).mkdir(parents=True, exist_ok=True)
+    left = int(out_bytes)
+    with open(Path(out) / "floor.bin", "wb", buffering=0) as handle:
+        while left:
+            left -= handle.write(view[: min(left, len(view))])
+        os.fsync(handle.fileno())
+
+
+def _moeconv_nohash(src: str, out: str, preset: str) -> None:
+    """Diagnostic: moeconv's library path with the report's sha256 pass stubbed out (where time goes)."""
+    import moeconv.execute as ex
+    from moeconv.plan import build_plan
+    from moeconv.recipe import load_preset
+    from moeconv.source import Checkpoint
+
+    ex._sha256 = lambda path: "not computed (benchmark diagnostic)"
+    ex.execute(build_plan(Checkpoint.open(src), [load_preset(preset)]), out, overwrite=True)
+
+
+def _transformers(kind: str, src: str, out: str) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    extra = {"quantization_config": Mxfp4Config(dequantize=True)} if kind == "gpt-oss" else {}
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16, **extra)
+    model.save_pretrained(out, save_original_format=False)  # fused, current names (v5 default un-fuses)
+
+
+# -- the benchmarks ---------------------------------------------------------------------------------
+
+
+def compare(src: Path, data: Path, preset: str, kind: str, title: str) -> dict:
+    print(f"\n{title}: {src.name} ({size_of(src) / 1e9:.2f} GB in)")
+    out = data / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    ours = run(moeconv(src, out, preset), "moeconv")
+    out_bytes = size_of(out)
+    shutil.rmtree(out)
+    nohash = run([PY, __file__, "_moeconv_nohash", str(src), str(out), preset], "  diagnostic: moeconv without the sha256 pass")
+    shutil.rmtree(out)
+    floor = run(io_floor(src, out_bytes, out), f"I/O floor (read {size_of(src) / 1e9:.2f} GB, write {out_bytes / 1e9:.2f} GB)")
+    shutil.rmtree(out)
+    theirs = run(transformers(src, out, kind), "transformers from_pretrained + save_pretrained")
+    shutil.rmtree(out)
+    ratios = {
+        "speedup_vs_transformers": theirs["wall"] / ours["wall"],
+        "memory_vs_transformers": ours["rss_gb"] / theirs["rss_gb"],
+        "vs_io_floor": ours["wall"] / floor["wall"],
+    }
+    print(f"  moeconv is {ratios['speedup_vs_transformers']:.1f}x faster than transformers with "
+          f"1/{1 / ratios['memory_vs_transformers']:.1f} of its peak RSS; {ratios['vs_io_floor']:.2f}x the I/O floor")
+    return {"input_bytes": size_of(src), "output_bytes": out_bytes, "moeconv": ours, "moeconv_nohash": nohash, "floor": floor, "transformers": theirs, **ratios}
+
+
+def memory_sweep(data: Path, cases: list[tuple[str, int]], vocab: int) -> list[dict]:
+    print(f"\nmemory vs tensor size and layers (gpt-oss-bf16, vocab {vocab})")
+    rows = []
+    for model, layers in cases:
+        src = make(data, model, layers, vocab)
+        out = data / "out"
+        shutil.rmtree(out, ignore_errors=True)
+        result = run(moeconv(src, out, "gpt-oss-bf16"), f"{model} width x {layers} layer(s)")
+        result.update(model=model, layers=layers, output_bytes=size_of(out))
+        shutil.rmtree(out)
+        if model == "gpt-oss-120b":
+            shutil.rmtree(src)  # 1.6 GB in, not reused
+        rows.append(result)
+    return rows
+
+
+def _kernel() -> None:
+    import torch
+    from transformers.integrations.mxfp4 import _convert_moe_packed_tensors
+
+    from moeconv import mxfp4
+
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (4, 2880, 90, 16), dtype=torch.uint8, generator=gen)  # 33 M elements
+    scales = torch.randint(115, 131, (4, 2880, 90), dtype=torch.uint8, generator=gen)
+    n = blocks.numel() * 2
+    out = torch.empty(4, 2880, 2880, dtype=torch.bfloat16)
+    lut = torch.tensor(mxfp4.FP4_VALUES, dtype=torch.bfloat16)
+
+    def plain():  # the obvious LUT gather: two nibble lookups + ldexp
+        b = blocks.long()
+        vals = torch.stack([lut[b & 0xF], lut[b >> 4]], dim=-1).view(*blocks.shape[:-1], 32)
+        return torch.ldexp(vals, scales.to(torch.int32)[..., None] - 127).view(4, 2880, 2880)
+
+    def best(fn, repeat):
+        fn()
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return n / min(times)
+
+    small = (blocks[:1, :720], scales[:1, :720])  # transformers is slow: a quarter of one expert
+    n_small = small[0].numel() * 2
+    start = time.perf_counter()
+    _convert_moe_packed_tensors(*small, dtype=torch.bfloat16)
+    theirs = n_small / (time.perf_counter() - start)
+    figures = {
+        "moeconv (reused out=)": best(lambda: mxfp4.dequantize(blocks, scales, out=out), 5),
+        "moeconv (fresh output)": best(lambda: mxfp4.dequantize(blocks, scales), 5),
+        "plain LUT gather + ldexp": best(plain, 2),
+        "transformers _convert_moe_packed_tensors": theirs,
+    }
+    assert torch.equal(mxfp4.dequantize(blocks, scales), plain())
+    print(json.dumps(figures))
+
+
+def kernel() -> dict:
+    print("\nMXFP4 -> bf16 kernel, one thread (torch.set_num_threads(1)), output elements/s")
+    line = subprocess.run([PY, __file__, "_kernel"], check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    figures = json.loads(line)
+    for name, rate in figures.items():
+        print(f"  {name:<42} {rate:10.3e} elem/s")
+    return figures
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1].startswith("_"):
+        {"_floor": _floor, "_moeconv_nohash": _moeconv_nohash, "_transformers": _transformers, "_kernel": _kernel}[sys.argv[1]](*sys.argv[2:])
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--data", type=Path, default=REPO / "benchmarks" / "data")
+    parser.add_argument("--vocab", type=int, default=201088, help="vocabulary of the main gpt-oss comparison")
+    parser.add_argument("--json", type=Path, help="also write every figure here")
+    args = parser.parse_args()
+    args.data.mkdir(parents=True, exist_ok=True)
+    cold = drop_caches()
+    print(f"{os.cpu_count()} cores; page cache {'dropped before every contender' if cold else 'WARM for all contenders (not root)'}")
+    results: dict = {"cores": os.cpu_count(), "cold_cache": cold}
+    results["kernel"] = kernel()
+    if args.quick:
+        src = make(args.data, "gpt-oss-20b", 1, 8192)
+        results["gpt_oss"] = compare(src, args.data, "gpt-oss-bf16", "gpt-oss", "gpt-oss-20b width, 1 layer, vocab 8192 (quick)")
+    else:
+        src = make(args.data, "gpt-oss-20b", 2, args.vocab)
+        results["gpt_oss"] = compare(src, args.data, "gpt-oss-bf16", "gpt-oss", f"gpt-oss-20b width, 2 layers, vocab {args.vocab}")
+        results["memory"] = memory_sweep(args.data, [("gpt-oss-20b", 1), ("gpt-oss-20b", 2), ("gpt-oss-20b", 4), ("gpt-oss-120b", 1)], 8192)
+        src = make(args.data, "mixtral-8x7b", 1, None)
+        results["fuse"] = compare(src, args.data, "fuse-experts", "mixtral", "fuse-experts: Mixtral-8x7B width, 1 layer")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
