@@ -5,7 +5,10 @@ usage errors are typer's exit code 2. Machine output (--json) is the only thing 
 """
 
 import functools
+import json
 import os
+import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -35,6 +38,7 @@ def command(name: str | None = None, *, on: typer.Typer | None = None, **kwargs)
     def decorate(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def guarded(*args, **kw):
+            previous = _raise_on_sigterm()
             try:
                 return fn(*args, **kw)
             except MoeconvError as error:
@@ -42,10 +46,37 @@ def command(name: str | None = None, *, on: typer.Typer | None = None, **kwargs)
                     raise
                 stderr.print(f"error: {error}", markup=False, highlight=False)
                 raise typer.Exit(1) from None
+            except (KeyboardInterrupt, Terminated) as stop:
+                # The with/finally blocks on the way up removed the file being written (see execute).
+                signum = stop.signum if isinstance(stop, Terminated) else signal.SIGINT
+                stderr.print(f"error: interrupted by {signal.Signals(signum).name}; no unfinished file was left behind", highlight=False)
+                raise typer.Exit(128 + signum) from None
+            finally:
+                if previous is not None:
+                    signal.signal(signal.SIGTERM, previous)
 
         return (on or app).command(name, **kwargs)(guarded)
 
     return decorate
+
+
+class Terminated(BaseException):
+    """Raised by the SIGTERM handler, so cleanup runs as for Ctrl-C (KeyboardInterrupt); exit 143."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_on_sigterm():
+    """Make SIGTERM raise Terminated in the main thread; the previous handler (None: not installed)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise Terminated(signum)
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else.")]
@@ -114,6 +145,7 @@ def convert_command(
     revision: Annotated[str | None, typer.Option("--revision", help="Hub repo ids: branch, tag or commit to convert (default: main).")] = None,
     token: Annotated[str | None, typer.Option("--token", help="Hub repo ids: access token (default: HF_TOKEN or the stored login).")] = None,
     low_disk: Annotated[bool, typer.Option("--low-disk", help="Hub repo ids: fetch each shard when first needed and delete it from the huggingface_hub cache once converted.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in OUT: keep its finished shards whose sha256 still matches, redo the rest.")] = False,
 ) -> None:
     """Convert a checkpoint with ordered rules (presets and recipes) and write a load report.
 
@@ -144,12 +176,35 @@ def convert_command(
         return
     fetch_inputs(plan, low_disk=low_disk)  # hub repo ids: download what the plan reads (no-op for local paths)
     with progress_bar(stderr, plan, enabled=stderr.is_terminal and not json_output) as progress:
-        report = execute(plan, out, overwrite=overwrite, progress=progress, low_disk=low_disk)
+        report = execute(plan, out, overwrite=overwrite, progress=progress, low_disk=low_disk, resume=resume)
     if json_output:
         stdout.print_json(data=report)
     else:
         render_plan(plan, stderr)
         stderr.print(f"wrote {out} ({len(plan.shards)} shard(s), report in {out / 'moeconv-report.json'})", highlight=False)
+
+
+# ---- verify ----------------------------------------------------------------------------------------
+
+
+@command("verify")
+def verify_command(
+    out: Annotated[Path, typer.Argument(help="A folder written by `moeconv convert`.", show_default=False)],
+    against: Annotated[str | None, typer.Option("--against", help="Also recompute every tensor from this source (folder, file or hub repo id) and compare bit for bit.")] = None,
+    sample: Annotated[int | None, typer.Option("--sample", help="With --against: compare N evenly spaced rows of axis 0 per tensor (e.g. N experts), not all.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Check OUT against its moeconv-report.json: sha256 of every file, headers, dtypes, shapes, offsets, alignment."""
+    from moeconv.errors import VerifyError
+    from moeconv.verify import verify
+
+    result = verify(out, against=against, sample=sample)
+    if as_json:
+        typer.echo(json.dumps(result.to_json(), indent=2))
+    if not result.ok:
+        raise VerifyError(result.summary())
+    if not as_json:
+        stdout.print(result.summary(), highlight=False, markup=False)
 
 
 # ---- presets ---------------------------------------------------------------------------------------

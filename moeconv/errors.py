@@ -34,3 +34,7 @@ class InternalError(MoeconvError):
 
 class HubError(MoeconvError):
     """A hub repo cannot be used: not found, needs a token, offline and not cached, only pickled weights."""
+
+
+class VerifyError(MoeconvError):
+    """A converted folder does not match its report (or, with --against, its source and recipes)."""

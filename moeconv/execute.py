@@ -8,19 +8,22 @@ by a few chunks.
 
 import hashlib
 import json
+import os
 import queue
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
-from moeconv.errors import InternalError, OpError, WriteError
+from moeconv.errors import InternalError, MoeconvError, OpError, WriteError
 from moeconv.graph import chunk_rows
 from moeconv.plan import Plan, PlannedTensor
-from moeconv.writer import ShardWriter, atomic_write_bytes, write_index
+from moeconv.writer import INDEX_NAME, ShardWriter, _fsync_dir, atomic_write_bytes, write_index
 
 CHUNK_BYTES = 64 * 2**20
 REPORT_NAME = "moeconv-report.json"
+JOURNAL_NAME = ".moeconv-progress.json"  # an unfinished run: its finished shards, for --resume
 _DONE = object()
 
 Progress = Callable[[str, int], None]  # (shard name, bytes just written)
@@ -86,23 +89,113 @@ class _BackgroundWriter:
             raise self.error
 
 
-def prepare_output(out_dir: Path, source_root: Path, overwrite: bool) -> None:
-    """Refuse an output folder that is the source, inside it, or not empty (unless overwrite)."""
+def staged_name(name: str) -> str:
+    """Where a finished shard waits until every shard is done: hidden, and no loader's `*.safetensors`."""
+    return f".{name}.staged"
+
+
+def plan_fingerprint(plan: Plan) -> str:
+    """What a journal must match for --resume: every output tensor and shard layout, the recipes'
+    TOML, the options, and the source's header layout (its data is not re-read)."""
+    data = plan.to_json()
+    basis = {
+        "tensors": data["tensors"],
+        "shards": data["shards"],
+        "recipes": [r.text for r in plan.recipes],
+        "options": {k: v for k, v in plan.rebuild().items() if k != "recipes"},
+        "source": [[k, i.dtype, list(i.shape), i.file.name, i.begin, i.end] for k, i in plan.source.tensors.items()],
+    }
+    return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()
+
+
+def _leftovers(out: Path) -> list[Path]:
+    """Temp files of unfinished writes and staged shards of an unfinished run."""
+    return [*out.glob(".*.tmp"), *out.glob(".*.staged")]
+
+
+def prepare_output(
+    out_dir: Path, source_root: Path, overwrite: bool, *, resume: bool = False, fingerprint: str | None = None
+) -> dict[str, dict]:
+    """Refuse an output folder that is the source, inside it, or not empty (unless overwrite or resume).
+
+    With `resume` and a progress journal there, the shards it lists are kept when their bytes still
+    hash to what it recorded: returns {shard name: {"size", "sha256"}} of the kept ones.
+    """
     out = out_dir.resolve()
     src = source_root.resolve()
     if out == src or src in out.parents:
         raise WriteError(f"{out_dir}: output folder is the source folder or inside it; choose another folder")
     if out.exists() and not out.is_dir():
         raise WriteError(f"{out_dir}: exists and is not a folder")
+    journal = out / JOURNAL_NAME
     if out.exists() and any(out.iterdir()):
-        if not overwrite:
+        if resume and journal.is_file():
+            kept = _resume(out_dir, fingerprint, overwrite)
+            if kept is not None:
+                return kept
+        elif not overwrite:
+            if journal.is_file():
+                raise WriteError(
+                    f"{out_dir}: holds an unfinished conversion ({JOURNAL_NAME}); pass --resume to continue it"
+                    " (same source, recipes and options) or --overwrite to start over"
+                )
+            if resume:
+                raise WriteError(f"{out_dir}: nothing to resume (no {JOURNAL_NAME}); pass --overwrite to replace its contents")
             raise WriteError(f"{out_dir}: output folder is not empty; pass --overwrite to replace its contents")
         # The report and index go first so a half-replaced folder never looks complete.
-        for name in (REPORT_NAME, "model.safetensors.index.json"):
+        for name in (REPORT_NAME, INDEX_NAME):
             (out / name).unlink(missing_ok=True)
-        for path in out.glob("*.safetensors"):
+        for path in [*out.glob("*.safetensors"), *_leftovers(out)]:
             path.unlink()
+        journal.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
+    return {}
+
+
+def _resume(out_dir: Path, fingerprint: str | None, overwrite: bool) -> dict[str, dict] | None:
+    """Check the journal against the plan; keep each journaled shard whose file still hashes right,
+    delete everything else an unfinished run left. None: start over (--overwrite, journal unusable)."""
+    out = out_dir.resolve()
+    try:
+        journal = json.loads((out / JOURNAL_NAME).read_text(encoding="utf-8"))
+        shards = journal["shards"]
+        assert isinstance(shards, dict)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        if overwrite:
+            return None
+        raise WriteError(f"{out_dir}: {JOURNAL_NAME} is unreadable; pass --overwrite to start over") from None
+    if journal.get("fingerprint") != fingerprint:
+        if overwrite:
+            return None
+        raise WriteError(
+            f"{out_dir}: the unfinished conversion there was planned from another source, recipes or options;"
+            " rerun with the same ones, or pass --overwrite to start over"
+        )
+    for name in (REPORT_NAME, INDEX_NAME):  # a run killed while renaming its shards into place
+        (out / name).unlink(missing_ok=True)
+    for path in out.glob(".*.tmp"):
+        path.unlink()
+    kept: dict[str, dict] = {}
+    for name, entry in shards.items():
+        if not isinstance(name, str) or Path(name).name != name or not isinstance(entry, dict):
+            continue
+        staged, final = out / staged_name(name), out / name
+        found = staged if staged.is_file() else final if final.is_file() else None
+        if found is not None and found.stat().st_size == entry.get("size") and _sha256(found) == entry.get("sha256"):
+            if found == final:
+                os.replace(final, staged)
+            kept[name] = {"size": entry["size"], "sha256": entry["sha256"]}
+    for path in out.glob(".*.staged"):
+        if path.name.removeprefix(".").removesuffix(".staged") not in kept:
+            path.unlink()
+    for path in out.glob("*.safetensors"):
+        path.unlink()
+    return kept
+
+
+def _write_journal(out_dir: Path, fingerprint: str, shards: dict[str, dict]) -> None:
+    data = {"fingerprint": fingerprint, "shards": shards}
+    atomic_write_bytes(out_dir / JOURNAL_NAME, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def _sha256(path: Path) -> str:
@@ -111,6 +204,15 @@ def _sha256(path: Path) -> str:
         while block := handle.read(16 * 2**20):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _abandon(out_dir: Path, finished: dict[str, dict], error: BaseException) -> None:
+    """After a failure (the unfinished shard's temp file is already gone): with no finished shard
+    there is nothing to resume, so the journal goes too; otherwise say how to continue."""
+    if not finished:
+        (out_dir / JOURNAL_NAME).unlink(missing_ok=True)
+    elif isinstance(error, MoeconvError):
+        error.args = (f"{error}; {len(finished)} finished shard(s) kept out of sight in {out_dir}: rerun with --resume to continue",)
 
 
 def input_schedule(plan: Plan) -> tuple[dict[int, list[Path]], int]:
@@ -146,6 +248,7 @@ def execute(
     chunk_bytes: int = CHUNK_BYTES,
     progress: Progress | None = None,
     low_disk: bool = False,
+    resume: bool = False,
 ) -> dict:
     """Write the planned checkpoint to `out_dir`: shards, index, config, small files, then the report.
 
@@ -153,43 +256,81 @@ def execute(
     report come last, so an interrupted run never leaves a folder that looks complete.
     `low_disk` (hub sources only): each input shard is deleted (`Checkpoint.release_file`) as soon
     as no later output tensor needs it; the report records it and the peak input bytes held.
+    `resume`: continue the unfinished run in `out_dir` (see `prepare_output`): shards its journal
+    lists and whose bytes still hash right are kept, the rest is redone; the result is byte-identical.
     Returns the report that was written to `out_dir/moeconv-report.json`.
     """
     out_dir = Path(out_dir)
     if low_disk and plan.source.evict is None:
         raise WriteError(f"{plan.source.origin}: --low-disk deletes input shards, so it only works on hub repo ids, never on local files")
-    prepare_output(out_dir, plan.source.root, overwrite)
+    fingerprint = plan_fingerprint(plan)
+    kept = prepare_output(out_dir, plan.source.root, overwrite, resume=resume, fingerprint=fingerprint)
     release, peak_input = input_schedule(plan) if low_disk else ({}, 0)
+    chunk_bytes = int(os.environ.get("MOECONV_CHUNK_BYTES", chunk_bytes))  # test hooks: small chunks,
+    delay = float(os.environ.get("MOECONV_CHUNK_DELAY", 0))  # and a pause after each (interrupt tests)
+    # Finished shards wait under hidden staged names, recorded in the journal, until every shard is
+    # done; only then do they all get their final names (then index, config, report). So a failed
+    # or interrupted run never leaves a final-named shard, and --resume can keep what was finished.
+    finished = dict(kept)
+    _write_journal(out_dir, fingerprint, finished)
     position = 0
-    written: list[Path] = []
-    for layout in plan.shards:
-        with ShardWriter(out_dir, layout) as writer:
-            background = _BackgroundWriter(writer, progress, layout.name)
-            try:
-                for spec in layout.order:
-                    tensor = plan.tensors[spec.key]
-                    for rows in _chunks(tensor, chunk_bytes):
-                        background.put(spec.key, _produce(tensor, rows))
-                    tensor.node.release()
-                    for file in release.get(position, ()):
-                        plan.source.release_file(file)  # unlinking a mapped file is safe: queued chunks keep their pages
-                    position += 1
-            finally:
-                background.close()
-            written.append(writer.finish())
-    index = write_index(out_dir, plan.shards)
-    if index is not None:
-        written.append(index)
-    for name in plan.companion_files:
-        target = out_dir / name
-        atomic_write_bytes(target, (plan.source.root / name).read_bytes())
-        written.append(target)
-    if plan.config is not None:
-        target = out_dir / "config.json"
-        atomic_write_bytes(target, (json.dumps(plan.config, indent=2) + "\n").encode())
-        written.append(target)
-    report = {**plan.to_json(), "sha256": {path.name: _sha256(path) for path in written}}
-    if low_disk:
-        report.update(low_disk=True, peak_input_bytes=peak_input)
-    atomic_write_bytes(out_dir / REPORT_NAME, (json.dumps(report, indent=2) + "\n").encode())
+    try:
+        for layout in plan.shards:
+            if layout.name in finished:  # kept by --resume: its bytes were checked against the journal
+                position += len(layout.order)
+                if progress:
+                    progress(layout.name, sum(spec.nbytes for spec in layout.order))
+                continue
+            with ShardWriter(out_dir, layout, out_dir / staged_name(layout.name)) as writer:
+                background = _BackgroundWriter(writer, progress, layout.name)
+                try:
+                    for spec in layout.order:
+                        tensor = plan.tensors[spec.key]
+                        for rows in _chunks(tensor, chunk_bytes):
+                            background.put(spec.key, _produce(tensor, rows))
+                            if delay:
+                                time.sleep(delay)
+                        tensor.node.release()
+                        for file in release.get(position, ()):
+                            plan.source.release_file(file)  # unlinking a mapped file is safe: queued chunks keep their pages
+                        position += 1
+                finally:
+                    background.close()
+                writer.finish()
+            finished[layout.name] = {"size": layout.size, "sha256": writer.sha256}
+            _write_journal(out_dir, fingerprint, finished)
+    except BaseException as error:
+        _abandon(out_dir, finished, error)
+        raise
+    renamed: list[str] = []
+    try:
+        for layout in plan.shards:
+            os.replace(out_dir / staged_name(layout.name), out_dir / layout.name)
+            renamed.append(layout.name)
+        _fsync_dir(out_dir)
+        written: list[Path] = []
+        index = write_index(out_dir, plan.shards)
+        if index is not None:
+            written.append(index)
+        for name in plan.companion_files:
+            target = out_dir / name
+            atomic_write_bytes(target, (plan.source.root / name).read_bytes())
+            written.append(target)
+        if plan.config is not None:
+            target = out_dir / "config.json"
+            atomic_write_bytes(target, (json.dumps(plan.config, indent=2) + "\n").encode())
+            written.append(target)
+        hashes = {name: entry["sha256"] for name, entry in finished.items()}  # hashed while written
+        hashes = {layout.name: hashes[layout.name] for layout in plan.shards}
+        report = {**plan.to_json(), "rebuild": plan.rebuild(), "sha256": {**hashes, **{p.name: _sha256(p) for p in written}}}
+        if low_disk:
+            report.update(low_disk=True, peak_input_bytes=peak_input)
+        atomic_write_bytes(out_dir / REPORT_NAME, (json.dumps(report, indent=2) + "\n").encode())
+    except BaseException as error:
+        (out_dir / INDEX_NAME).unlink(missing_ok=True)
+        for name in renamed:  # back out of sight: the journal still lists them for --resume
+            os.replace(out_dir / name, out_dir / staged_name(name))
+        _abandon(out_dir, finished, error)
+        raise
+    (out_dir / JOURNAL_NAME).unlink(missing_ok=True)
     return report

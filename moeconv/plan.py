@@ -87,6 +87,17 @@ class Plan:
     report: LoadReport
     warnings: list[str]
     align: int
+    max_shard_size: int = 5 * 10**9
+    dtype: str | None = None  # --dtype as given ("bf16", ...), None when not given
+
+    def rebuild(self) -> dict:
+        """What re-planning needs besides the source: recipe origins and TOML texts, options."""
+        return {
+            "recipes": [{"origin": r.origin, "text": r.text} for r in self.recipes],
+            "dtype": self.dtype,
+            "align": self.align,
+            "max_shard_size": self.max_shard_size,
+        }
 
     @property
     def total_bytes(self) -> int:
@@ -376,4 +387,6 @@ def build_plan(
         report=check_load(planned, config),
         warnings=planner.warnings,
         align=align,
+        max_shard_size=max_shard_size,
+        dtype=_dtype_name(dtype) if dtype is not None else None,
     )

@@ -82,6 +82,7 @@ class Recipe:
     origin: str
     description: str
     rules: tuple[Rule, ...] = field(default_factory=tuple)
+    text: str = ""  # the TOML it was parsed from: the report keeps it so `moeconv verify` can re-plan
 
 
 def _fail(where: str, message: str) -> RecipeError:
@@ -233,7 +234,7 @@ def parse_recipe(text: str, origin: str) -> Recipe:
     rules = data.get("rule", [])
     if not isinstance(rules, list) or not rules:
         raise RecipeError(f"{origin}: no [[rule]] tables")
-    return Recipe(origin, data.get("description", ""), tuple(_parse_rule(origin, i, r) for i, r in enumerate(rules)))
+    return Recipe(origin, data.get("description", ""), tuple(_parse_rule(origin, i, r) for i, r in enumerate(rules)), text)
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -244,6 +244,12 @@ class Checkpoint:
     @classmethod
     def open(cls, path: str | Path) -> "Checkpoint":
         """A folder (single file, index + shards, or all root-level .safetensors) or one .safetensors file."""
+        checkpoint = cls._open(path)
+        checkpoint.origin = str(path)  # as given, so the report does not depend on the folder it ran in
+        return checkpoint
+
+    @classmethod
+    def _open(cls, path: str | Path) -> "Checkpoint":
         path = Path(path).expanduser().absolute()
         if not path.exists():
             raise CheckpointError(f"{path}: no such file or folder")

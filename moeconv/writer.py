@@ -18,6 +18,7 @@ Keys that do not start aligned are listed in `ShardLayout.misaligned`. Same inpu
 """
 
 import ctypes
+import hashlib
 import json
 import math
 import os
@@ -236,10 +237,11 @@ class ShardWriter:
     with-block (or close()) without finish() deletes it.
     """
 
-    def __init__(self, out_dir: Path, layout: ShardLayout):
+    def __init__(self, out_dir: Path, layout: ShardLayout, final: Path | None = None):
         self.out_dir = Path(out_dir)
         self.layout = layout
-        self.final = self.out_dir / layout.name
+        self.final = Path(final) if final is not None else self.out_dir / layout.name  # execute stages shards under another name
+        self._hash = hashlib.sha256()  # of every byte written, so the report needs no second read
         self._index = 0  # position in layout.order of the tensor being written
         self._done = 0  # bytes of it written so far
         self._finished = False
@@ -258,6 +260,12 @@ class ShardWriter:
             self._file.write(view)
         except OSError as error:
             raise WriteError(f"{self.final}: write failed: {error.strerror or error}") from None
+        self._hash.update(view)
+
+    @property
+    def sha256(self) -> str:
+        """Hex sha256 of the bytes written so far (the whole file once finish() returned)."""
+        return self._hash.hexdigest()
 
     def _fail(self, message: str) -> InternalError:
         return InternalError(f"{self.layout.name}: {message}: this is a moeconv bug")

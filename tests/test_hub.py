@@ -141,7 +141,7 @@ def test_an_existing_local_path_wins_over_a_repo_id(hf_cache, mixtral_dir, tmp_p
     shutil.copytree(mixtral_dir, tmp_path / "acme" / "mixtral")
     result = convert("acme/mixtral", tmp_path / "out", "-p", "fuse-experts", "--dry-run", "--json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["source"] == str(tmp_path / "acme" / "mixtral")
+    assert json.loads(result.stdout)["source"] == "acme/mixtral"  # the local path as given; a repo would be "acme/mixtral@<commit>"
 
 
 def test_low_disk_and_revision_are_refused_on_local_folders(mixtral_dir, tmp_path):

@@ -1,0 +1,247 @@
+"""Verify a converted folder: every file against moeconv-report.json, and optionally every tensor
+against the source it was made from.
+
+Without a source (`verify(out)`):
+  - every file the report hashes exists and has that sha256;
+  - every shard's header passes the reader's validation (moeconv.source.read_header), and every
+    tensor has the dtype, shape and absolute offset the report says, no more and no fewer keys;
+  - every tensor the report does not list as misaligned starts at a multiple of the report's align.
+With `against` (a source folder, file or hub repo id): the plan is rebuilt from the report's
+`rebuild` section (recipe TOML texts and options, not files that may have changed since) and must
+agree with the report tensor for tensor; then every output tensor is recomputed from the source, or
+`sample` rows of its first axis (evenly spaced, first and last included: deterministic), and compared
+bit for bit with the bytes in the shard. Value checking stops at the first differing tensor.
+
+Problems are collected as one-line messages naming the file or key; the CLI prints them.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from moeconv.errors import CheckpointError, VerifyError
+from moeconv.execute import CHUNK_BYTES, REPORT_NAME, _chunks, _produce, _sha256
+from moeconv.source import read_header
+
+
+@dataclass
+class VerifyResult:
+    out: Path
+    problems: list[str] = field(default_factory=list)
+    files: int = 0  # files whose sha256 was checked
+    tensors: int = 0  # tensors whose header entry was checked
+    compared: int = 0  # tensors whose values were compared with the source
+    rows: int = 0  # rows of axis 0 compared
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict:
+        return {
+            "ok": self.ok,
+            "out": str(self.out),
+            "problems": self.problems,
+            "files": self.files,
+            "tensors": self.tensors,
+            "compared": self.compared,
+            "rows": self.rows,
+        }
+
+    def summary(self) -> str:
+        """One line: the first few problems, or what was checked."""
+        if self.problems:
+            shown = "; ".join(self.problems[:3])
+            more = f" (and {len(self.problems) - 3} more)" if len(self.problems) > 3 else ""
+            return f"{self.out}: {len(self.problems)} problem(s): {shown}{more}"
+        values = f", {self.compared} tensors ({self.rows} rows) equal to the source" if self.compared else ""
+        return f"{self.out}: ok: {self.files} files match their sha256, {self.tensors} tensors match the report{values}"
+
+
+def _load_report(out: Path) -> dict:
+    path = out / REPORT_NAME
+    if not out.is_dir():
+        raise VerifyError(f"{out}: no such folder")
+    if not path.is_file():
+        raise VerifyError(f"{path}: missing; not a finished moeconv output (an interrupted run leaves none)")
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise VerifyError(f"{path}: not a readable JSON report ({error})") from None
+    if not (
+        isinstance(report, dict)
+        and isinstance(report.get("sha256"), dict)
+        and isinstance(report.get("shards"), list)
+        and isinstance(report.get("tensors"), list)
+    ):
+        raise VerifyError(f"{path}: not a moeconv report (needs 'sha256', 'shards' and 'tensors')")
+    return report
+
+
+def _check_hashes(out: Path, report: dict, result: VerifyResult) -> set[str]:
+    """sha256 of every file the report lists; the names of the files that are missing."""
+    missing = set()
+    for name, digest in report["sha256"].items():
+        path = out / name
+        if Path(name).name != name:
+            result.problems.append(f"{REPORT_NAME}: file name {json.dumps(name)} is not a plain file name")
+            continue
+        if not path.is_file():
+            result.problems.append(f"{path}: missing (the report lists it)")
+            missing.add(name)
+            continue
+        got = _sha256(path)
+        result.files += 1
+        if got != digest:
+            result.problems.append(f"{path}: sha256 {got[:16]}... differs from the report's {str(digest)[:16]}...; the file changed after conversion")
+    return missing
+
+
+def _check_layout(out: Path, report: dict, result: VerifyResult, missing: set[str]) -> None:
+    """Every shard's header vs the reader's rules and the report's tensors, offsets and alignment."""
+    align = report.get("align", 1)
+    by_shard: dict[str, dict[str, dict]] = {}
+    for entry in report["tensors"]:
+        by_shard.setdefault(entry.get("shard"), {})[entry.get("key")] = entry
+    for shard in report["shards"]:
+        name = shard.get("name")
+        if name in missing or Path(str(name)).name != name:
+            continue
+        path = out / name
+        if not path.is_file():
+            result.problems.append(f"{path}: missing (the report lists it)")
+            continue
+        try:
+            tensors, _, _ = read_header(path)
+        except CheckpointError as error:
+            result.problems.append(str(error))
+            continue
+        if path.stat().st_size != shard.get("size"):
+            result.problems.append(f"{path}: {path.stat().st_size} bytes, the report says {shard.get('size')}")
+        expected = by_shard.get(name, {})
+        for key in sorted(expected.keys() - tensors.keys()):
+            result.problems.append(f"{path}: tensor '{key}' is missing (the report puts it here)")
+        for key in sorted(tensors.keys() - expected.keys()):
+            result.problems.append(f"{path}: tensor '{key}' is not in the report")
+        misaligned = set(shard.get("misaligned", ()))
+        for key, info in tensors.items():
+            want = expected.get(key)
+            if want is None:
+                continue
+            result.tensors += 1
+            got = {"dtype": info.dtype, "shape": list(info.shape), "offset": info.begin}
+            for what in ("dtype", "shape", "offset"):
+                if got[what] != want.get(what):
+                    result.problems.append(f"{path}: tensor '{key}': {what} {got[what]}, the report says {want.get(what)}")
+            if key not in misaligned and info.begin % align:
+                result.problems.append(f"{path}: tensor '{key}' starts at byte {info.begin}, not {align}-byte aligned as the report says")
+
+
+def _rebuild_plan(report: dict, against: str):
+    from moeconv.dtypes import parse_user_dtype
+    from moeconv.hub import fetch_inputs, open_source
+    from moeconv.plan import build_plan
+    from moeconv.recipe import parse_recipe
+
+    rebuild = report.get("rebuild")
+    if not isinstance(rebuild, dict) or not isinstance(rebuild.get("recipes"), list):
+        raise VerifyError(f"{REPORT_NAME}: no 'rebuild' section (recipes and options); --against needs a report from this moeconv version")
+    recipes = [parse_recipe(r["text"], r["origin"]) for r in rebuild["recipes"]]
+    dtype = parse_user_dtype(rebuild["dtype"]) if rebuild.get("dtype") else None
+    source = open_source(against)
+    plan = build_plan(source, recipes, dtype=dtype, align=rebuild["align"], max_shard_size=rebuild["max_shard_size"])
+    fetch_inputs(plan)
+    return plan
+
+
+def _check_plan(plan, report: dict, result: VerifyResult) -> bool:
+    """The rebuilt plan must describe the same tensors at the same places as the report."""
+    reported = {entry.get("key"): entry for entry in report["tensors"]}
+    before = len(result.problems)
+    for key in sorted(reported.keys() - plan.tensors.keys()):
+        result.problems.append(f"tensor '{key}': in the report, but the source and recipes do not produce it")
+    for key in sorted(plan.tensors.keys() - reported.keys()):
+        result.problems.append(f"tensor '{key}': the source and recipes produce it, but the report lacks it")
+    for key, tensor in plan.tensors.items():
+        want = reported.get(key)
+        if want is None:
+            continue
+        planned = {"dtype": tensor.dtype, "shape": list(tensor.shape), "shard": tensor.shard, "offset": tensor.offset}
+        for what, value in planned.items():
+            if value != want.get(what):
+                result.problems.append(f"tensor '{key}': the source and recipes give {what} {value}, the report says {want.get(what)}")
+                break
+    return len(result.problems) == before
+
+
+def sample_rows(length: int, count: int) -> list[int]:
+    """`count` row indices of 0..length-1, evenly spaced with the first and last included."""
+    if count >= length:
+        return list(range(length))
+    if count <= 1:
+        return [0]
+    return sorted({round(i * (length - 1) / (count - 1)) for i in range(count)})
+
+
+def _as_bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _check_values(out: Path, plan, result: VerifyResult, skip: set[str], sample: int | None, chunk_bytes: int) -> None:
+    """Recompute every output tensor (or sampled rows) and compare bytes; stop at the first difference."""
+    handles: dict[str, int] = {}
+    try:
+        for key, tensor in plan.tensors.items():
+            if tensor.shard in skip:
+                continue
+            if tensor.shard not in handles:
+                handles[tensor.shard] = os.open(out / tensor.shard, os.O_RDONLY)
+            fd = handles[tensor.shard]
+            if not tensor.shape:
+                ranges = [None]
+            elif sample is not None:
+                ranges = [(r, r + 1) for r in sample_rows(tensor.shape[0], sample)]
+            else:
+                ranges = list(_chunks(tensor, chunk_bytes))
+            row_bytes = tensor.nbytes // tensor.shape[0] if tensor.shape and tensor.shape[0] else 0
+            for rows in ranges:
+                expected = _as_bytes(_produce(tensor, rows))
+                start = tensor.offset + (rows[0] * row_bytes if rows else 0)
+                actual = os.pread(fd, len(expected), start)
+                if actual != expected:
+                    at = next((i for i, (a, b) in enumerate(zip(actual, expected)) if a != b), min(len(actual), len(expected)))
+                    row = (rows[0] + at // row_bytes) if rows and row_bytes else 0
+                    result.problems.append(
+                        f"{out / tensor.shard}: tensor '{key}' differs from what the source and recipes give"
+                        f" (row {row} of axis 0, file byte {start + at})"
+                    )
+                    tensor.node.release()
+                    return
+                result.rows += (rows[1] - rows[0]) if rows else 1
+            tensor.node.release()
+            result.compared += 1
+    finally:
+        for fd in handles.values():
+            os.close(fd)
+
+
+def verify(out: str | Path, against: str | None = None, sample: int | None = None, chunk_bytes: int = CHUNK_BYTES) -> VerifyResult:
+    """Check `out` against its report (and against the source `against`); see the module doc."""
+    if sample is not None and sample < 1:
+        raise VerifyError(f"--sample must be at least 1, got {sample}")
+    out = Path(out)
+    report = _load_report(out)
+    result = VerifyResult(out)
+    missing = _check_hashes(out, report, result)
+    _check_layout(out, report, result, missing)
+    if against is not None:
+        plan = _rebuild_plan(report, against)
+        if _check_plan(plan, report, result):
+            skip = {name for name in {t.shard for t in plan.tensors.values()} if not (out / name).is_file()}
+            _check_values(out, plan, result, skip, sample, chunk_bytes)
+        plan.source.close()
+    return result
+
