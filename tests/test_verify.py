@@ -1,0 +1,142 @@
+"""moeconv verify: a fresh output passes; a flipped byte, a truncated or missing file is named."""
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from moeconv.cli import app
+from moeconv.execute import REPORT_NAME
+from moeconv.verify import sample_rows, verify
+
+
+def run(*args):
+    return CliRunner().invoke(app, [*map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, sharded_mixtral_dir):
+    out = tmp_path_factory.mktemp("verify") / "out"
+    result = run("convert", sharded_mixtral_dir, out, "-p", "fuse-experts", "--max-shard-size", "20KB")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture
+def out(converted, tmp_path):
+    return shutil.copytree(converted, tmp_path / "out")
+
+
+def one_line_error(result) -> str:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    (line,) = result.stderr.strip().splitlines()
+    return line
+
+
+def flip_last_byte(path):
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+def last_tensor(out, name):
+    tensors = [t for t in json.loads((out / REPORT_NAME).read_text())["tensors"] if t["shard"] == name]
+    return max(tensors, key=lambda t: t["offset"])["key"]
+
+
+def test_fresh_output_passes(converted, sharded_mixtral_dir):
+    assert run("verify", converted).exit_code == 0
+    result = run("verify", converted, "--against", sharded_mixtral_dir)
+    assert result.exit_code == 0, result.output
+    assert "equal to the source" in result.stdout
+    sampled = run("verify", converted, "--against", sharded_mixtral_dir, "--sample", "2", "--json")
+    assert sampled.exit_code == 0, sampled.output
+    report = json.loads(sampled.stdout)
+    assert report["ok"] and report["problems"] == [] and report["compared"] == report["tensors"] > 0
+
+
+def test_gpt_oss_output_verifies_against_its_mxfp4_source(gpt_oss_mxfp4_dir, tmp_path):
+    out = tmp_path / "bf16"
+    assert run("convert", gpt_oss_mxfp4_dir, out, "-p", "gpt-oss-bf16", "--dtype", "fp32", "--align", "64").exit_code == 0
+    result = run("verify", out, "--against", gpt_oss_mxfp4_dir, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["compared"] > 0
+
+
+def test_flipped_byte_names_the_file_and_with_against_the_key(out, sharded_mixtral_dir):
+    shard = sorted(out.glob("*.safetensors"))[1]
+    flip_last_byte(shard)
+    line = one_line_error(run("verify", out))
+    assert shard.name in line and "sha256" in line
+
+    key = last_tensor(out, shard.name)
+    line = one_line_error(run("verify", out, "--against", sharded_mixtral_dir))
+    assert shard.name in line and "sha256" in line and f"'{key}' differs" in line
+
+    result = run("verify", out, "--against", sharded_mixtral_dir, "--json")
+    assert result.exit_code == 1
+    problems = json.loads(result.stdout)["problems"]
+    assert any(key in p for p in problems)
+
+
+def test_flipped_byte_in_an_unsampled_row_passes_sampling_but_not_the_hash(out, sharded_mixtral_dir):
+    report = json.loads((out / REPORT_NAME).read_text())
+    tensor = next(t for t in report["tensors"] if t["key"].endswith("layers.0.mlp.experts.gate_up_proj"))
+    experts, row_bytes = tensor["shape"][0], tensor["nbytes"] // tensor["shape"][0]
+    assert 1 not in sample_rows(experts, 2)
+    path = out / tensor["shard"]
+    raw = bytearray(path.read_bytes())
+    raw[tensor["offset"] + row_bytes] ^= 0x01  # expert 1
+    path.write_bytes(bytes(raw))
+    result = verify(out, against=str(sharded_mixtral_dir), sample=2)
+    assert len(result.problems) == 1 and "sha256" in result.problems[0]
+    full = verify(out, against=str(sharded_mixtral_dir))
+    assert any(f"'{tensor['key']}' differs" in p and "row 1 " in p for p in full.problems)
+
+
+def test_truncated_shard(out):
+    shard = sorted(out.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-7])
+    line = one_line_error(run("verify", out))
+    assert shard.name in line and "truncated" in line
+
+
+def test_missing_file(out, sharded_mixtral_dir):
+    shard = sorted(out.glob("*.safetensors"))[-1]
+    shard.unlink()
+    line = one_line_error(run("verify", out, "--against", sharded_mixtral_dir))
+    assert shard.name in line and "missing" in line
+
+
+def test_header_changed_to_lie_about_a_tensor(out):
+    from safetensors_bytes import build
+
+    shard = sorted(out.glob("*.safetensors"))[0]
+    raw = shard.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + length])
+    key = next(k for k in header if k != "__metadata__" and header[k]["dtype"] == "BF16")
+    header[key]["dtype"] = "F16"  # same size: the reader accepts it, the report does not
+    text = json.dumps(header, separators=(",", ":")).encode()
+    shard.write_bytes(build(text + b" " * (length - len(text)), raw[8 + length :]))
+    problems = verify(out).problems
+    assert any(f"'{key}': dtype F16, the report says BF16" in p for p in problems)
+
+
+def test_no_report_and_no_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert REPORT_NAME in one_line_error(run("verify", tmp_path / "empty"))
+    assert "no such folder" in one_line_error(run("verify", tmp_path / "nowhere"))
+
+
+def test_against_another_source_names_the_first_key(out, qwen3_moe_dir):
+    line = one_line_error(run("verify", out, "--against", qwen3_moe_dir))
+    assert "tensor '" in line
+
+
+def test_sample_rows_is_deterministic_and_covers_the_ends():
+    assert sample_rows(128, 4) == [0, 42, 85, 127]
+    assert sample_rows(3, 8) == [0, 1, 2]
+    assert sample_rows(5, 1) == [0]
