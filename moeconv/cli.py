@@ -49,7 +49,7 @@ def command(name: str | None = None, *, on: typer.Typer | None = None, **kwargs)
             except (KeyboardInterrupt, Terminated) as stop:
                 # The with/finally blocks on the way up removed the file being written (see execute).
                 signum = stop.signum if isinstance(stop, Terminated) else signal.SIGINT
-                stderr.print(f"error: interrupted by {signal.Signals(signum).name}; no unfinished file was left behind", highlight=False)
+                stderr.print(f"error: interrupted by {signal.Signals(signum).name}; the file being written was removed (convert: rerun with --resume to continue)", highlight=False)
                 raise typer.Exit(128 + signum) from None
             finally:
                 if previous is not None:
