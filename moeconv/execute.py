@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import queue
-import shutil
 import threading
 import time
 from collections.abc import Callable
