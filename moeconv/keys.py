@@ -7,12 +7,21 @@
 import re
 from collections.abc import Iterable
 
-_NUMERIC_SEGMENT = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)")
+# ASCII digits only: `\d` and str.isdigit also accept other scripts' digits and superscripts
+# ('¹'), which int() rejects or reads as a number the key does not visibly contain.
+_NUMERIC_SEGMENT = re.compile(r"(?<=\.)[0-9]+(?=\.|$)|^[0-9]+(?=\.)")
+_DIGIT_RUN = re.compile(r"([0-9]+)")
+
+
+def is_number(text: str) -> bool:
+    """True for a plain ASCII decimal number such as `7` or `12`."""
+    return bool(text) and text.isascii() and text.isdigit()
 
 
 def natural_key(key: str) -> tuple:
     """Sort key that orders `layers.2` before `layers.10`."""
-    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key))
+    # re.split with one capture group alternates text, digits, text, ...: odd positions are numbers.
+    return tuple(int(part) if i % 2 else part for i, part in enumerate(_DIGIT_RUN.split(key)))
 
 
 def _render_indices(values: list[int]) -> str:

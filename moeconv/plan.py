@@ -12,7 +12,7 @@ import torch
 from moeconv import companions, dtypes, ops
 from moeconv.errors import MoeconvError, PlanError
 from moeconv.graph import Node, OpNode, SourceNode, infer_outputs
-from moeconv.keys import natural_key
+from moeconv.keys import is_number, natural_key
 from moeconv.recipe import OpStep, Recipe, Rule
 from moeconv.report import LoadReport, check_load
 from moeconv.source import Checkpoint
@@ -213,9 +213,14 @@ class _Planner:
         for groups in group_sets:
             rest = tuple((k, v) for k, v in groups if k != rule.group)
             value = dict(groups)[rule.group]
-            if not value.isdigit():
-                raise PlanError(f"{rule.where}: group '{rule.group}' must be a number, got '{value}' in '{matches[names[0]][groups]}'")
-            buckets.setdefault(rest, {})[int(value)] = groups
+            key = matches[names[0]][groups]
+            if not is_number(value):
+                raise PlanError(f"{rule.where}: group '{rule.group}' must be a number, got '{value}' in '{key}'")
+            bucket = buckets.setdefault(rest, {})
+            if int(value) in bucket:
+                other = matches[names[0]][bucket[int(value)]]
+                raise PlanError(f"{rule.where}: '{key}' and '{other}' are both {rule.group} {int(value)}")
+            bucket[int(value)] = groups
         expected, why = self._expected_count(rule)
         split_at = rule.stack_index()
         for rest, members in sorted(buckets.items(), key=lambda kv: natural_key(str(kv[0]))):

@@ -12,7 +12,7 @@ import time
 import tracemalloc
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -48,6 +48,8 @@ def write_shard(path, tensors: dict[str, tuple[str, list[int]]], meta: dict, ali
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(tensors=specs, meta=metadata, align=st.sampled_from([8, 16, 64]), seed=st.integers(0, 2**16))
+@example(tensors={"\u00b9": ("BF16", [])}, meta={}, align=8, seed=0)  # str.isdigit() but not int()-able
+@example(tensors={"a.\u0663": ("F32", [1]), "a.10": ("U8", [3]), "a.2": ("U8", [])}, meta={}, align=16, seed=1)
 def test_what_the_writer_writes_the_reader_reads_back(tmp_path, tensors, meta, align, seed):
     path = tmp_path / "model.safetensors"
     layout, payload = write_shard(path, tensors, meta, align, seed)

@@ -120,6 +120,30 @@ def test_missing_expert_is_named_with_the_expected_count(tmp_path):
     assert "expected 4 from config.json num_local_experts" in message
 
 
+def test_two_keys_naming_one_expert_are_refused(tmp_path):
+    """`experts.03` and `experts.3` would both land in slot 3: one of them would silently vanish."""
+    make_mixtral_like(tmp_path / "src")
+    with safe_open(str(tmp_path / "src" / "model.safetensors"), "pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    for name in ("w1", "w2", "w3"):
+        tensors[f"model.layers.0.block_sparse_moe.experts.03.{name}.weight"] = tensors[f"model.layers.0.block_sparse_moe.experts.3.{name}.weight"].clone()
+    save_file(tensors, str(tmp_path / "src" / "model.safetensors"))
+    with pytest.raises(PlanError, match=r"'model.layers.0.block_sparse_moe.experts.3.w1.weight' and '.*experts.03.w1.weight' are both expert 3"):
+        plan_for(tmp_path / "src", load_preset("fuse-experts"))
+
+
+def test_non_ascii_digits_are_not_expert_numbers(tmp_path):
+    """`\\d` matches Arabic-Indic digits; the planner must not read '٣' as expert 3."""
+    make_mixtral_like(tmp_path / "src")
+    with safe_open(str(tmp_path / "src" / "model.safetensors"), "pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    tensors["model.layers.0.block_sparse_moe.experts.٣.w1.weight"] = tensors.pop("model.layers.0.block_sparse_moe.experts.3.w1.weight")
+    tensors["model.layers.0.block_sparse_moe.experts.٣.w3.weight"] = tensors.pop("model.layers.0.block_sparse_moe.experts.3.w3.weight")
+    save_file(tensors, str(tmp_path / "src" / "model.safetensors"))
+    with pytest.raises(PlanError, match="group 'expert' must be a number, got '٣'"):
+        plan_for(tmp_path / "src", load_preset("fuse-experts"))
+
+
 def test_missing_partner_input_is_named(tmp_path):
     make_mixtral_like(tmp_path / "src", skip=["model.layers.0.block_sparse_moe.experts.3.w3.weight"])
     with pytest.raises(PlanError, match=r"'model.layers.0.block_sparse_moe.experts.3.w1.weight' has no partner for input 'up'"):
