@@ -10,6 +10,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -119,6 +120,13 @@ def parse_size(text: str) -> int:
         raise typer.BadParameter(f"'{text}' is not a size; use e.g. 5GB, 500MB or 2GiB") from None
 
 
+class Checksum(str, Enum):
+    """--checksum choices (moeconv.checksum.ALGORITHMS; kept here so --help needs no import)."""
+
+    xxh3_128 = "xxh3-128"
+    sha256 = "sha256"
+
+
 def load_recipes(presets: list[str], recipes: list[str]) -> list:
     """Presets first, then recipe files, each in the order given; `--recipe preset:NAME` interleaves."""
     from moeconv.recipe import load_preset, load_recipe
@@ -145,7 +153,8 @@ def convert_command(
     revision: Annotated[str | None, typer.Option("--revision", help="Hub repo ids: branch, tag or commit to convert (default: main).")] = None,
     token: Annotated[str | None, typer.Option("--token", help="Hub repo ids: access token (default: HF_TOKEN or the stored login).")] = None,
     low_disk: Annotated[bool, typer.Option("--low-disk", help="Hub repo ids: fetch each shard when first needed and delete it from the huggingface_hub cache once converted.")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in OUT: keep its finished shards whose sha256 still matches, redo the rest.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in OUT (same options, --checksum too): keep its finished shards whose checksum still matches, redo the rest.")] = False,
+    checksum: Annotated[Checksum, typer.Option("--checksum", help="Hash of every output file in the report, for `moeconv verify` and --resume: xxh3-128 (fast integrity check against accidental change) or sha256 (slower; comparable to the hub's LFS oid).")] = Checksum.xxh3_128,
 ) -> None:
     """Convert a checkpoint with ordered rules (presets and recipes) and write a load report.
 
@@ -176,7 +185,7 @@ def convert_command(
         return
     fetch_inputs(plan, low_disk=low_disk)  # hub repo ids: download what the plan reads (no-op for local paths)
     with progress_bar(stderr, plan, enabled=stderr.is_terminal and not json_output) as progress:
-        report = execute(plan, out, overwrite=overwrite, progress=progress, low_disk=low_disk, resume=resume)
+        report = execute(plan, out, overwrite=overwrite, progress=progress, low_disk=low_disk, resume=resume, checksum=checksum.value)
     if json_output:
         stdout.print_json(data=report)
     else:
@@ -194,7 +203,7 @@ def verify_command(
     sample: Annotated[int | None, typer.Option("--sample", help="With --against: compare N evenly spaced rows of axis 0 per tensor (e.g. N experts), not all.")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Check OUT against its moeconv-report.json: sha256 of every file, headers, dtypes, shapes, offsets, alignment."""
+    """Check OUT against its moeconv-report.json: every file's checksum (the report's algorithm), headers, dtypes, shapes, offsets, alignment."""
     from moeconv.errors import VerifyError
     from moeconv.verify import verify
 

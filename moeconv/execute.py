@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from moeconv.checksum import DEFAULT as DEFAULT_CHECKSUM
+from moeconv.checksum import file_checksum, new_hasher
 from moeconv.errors import InternalError, MoeconvError, OpError, WriteError
 from moeconv.graph import chunk_rows
 from moeconv.plan import Plan, PlannedTensor
@@ -93,15 +95,16 @@ def staged_name(name: str) -> str:
     return f".{name}.staged"
 
 
-def plan_fingerprint(plan: Plan) -> str:
+def plan_fingerprint(plan: Plan, checksum: str = DEFAULT_CHECKSUM) -> str:
     """What a journal must match for --resume: every output tensor and shard layout, the recipes'
-    TOML, the options, and the source's header layout (its data is not re-read)."""
+    TOML, the options (with the checksum algorithm), and the source's header layout (its data is
+    not re-read)."""
     data = plan.to_json()
     basis = {
         "tensors": data["tensors"],
         "shards": data["shards"],
         "recipes": [r.text for r in plan.recipes],
-        "options": {k: v for k, v in plan.rebuild().items() if k != "recipes"},
+        "options": {**{k: v for k, v in plan.rebuild().items() if k != "recipes"}, "checksum": checksum},
         "source": [[k, i.dtype, list(i.shape), i.file.name, i.begin, i.end] for k, i in plan.source.tensors.items()],
     }
     return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()
@@ -113,12 +116,19 @@ def _leftovers(out: Path) -> list[Path]:
 
 
 def prepare_output(
-    out_dir: Path, source_root: Path, overwrite: bool, *, resume: bool = False, fingerprint: str | None = None
+    out_dir: Path,
+    source_root: Path,
+    overwrite: bool,
+    *,
+    resume: bool = False,
+    fingerprint: str | None = None,
+    checksum: str = DEFAULT_CHECKSUM,
 ) -> dict[str, dict]:
     """Refuse an output folder that is the source, inside it, or not empty (unless overwrite or resume).
 
     With `resume` and a progress journal there, the shards it lists are kept when their bytes still
-    hash to what it recorded: returns {shard name: {"size", "sha256"}} of the kept ones.
+    hash to what it recorded: returns {shard name: {"size", "checksum"}} of the kept ones. A journal
+    written with another `checksum` algorithm is refused (started over with `overwrite`).
     """
     out = out_dir.resolve()
     src = source_root.resolve()
@@ -129,7 +139,7 @@ def prepare_output(
     journal = out / JOURNAL_NAME
     if out.exists() and any(out.iterdir()):
         if resume and journal.is_file():
-            kept = _resume(out_dir, fingerprint, overwrite)
+            kept = _resume(out_dir, fingerprint, overwrite, checksum)
             if kept is not None:
                 return kept
         elif not overwrite:
@@ -151,9 +161,10 @@ def prepare_output(
     return {}
 
 
-def _resume(out_dir: Path, fingerprint: str | None, overwrite: bool) -> dict[str, dict] | None:
-    """Check the journal against the plan; keep each journaled shard whose file still hashes right,
-    delete everything else an unfinished run left. None: start over (--overwrite, journal unusable)."""
+def _resume(out_dir: Path, fingerprint: str | None, overwrite: bool, checksum: str) -> dict[str, dict] | None:
+    """Check the journal against the plan and checksum algorithm; keep each journaled shard whose
+    file still hashes right, delete everything else an unfinished run left. None: start over
+    (--overwrite, journal unusable)."""
     out = out_dir.resolve()
     try:
         journal = json.loads((out / JOURNAL_NAME).read_text(encoding="utf-8"))
@@ -163,6 +174,16 @@ def _resume(out_dir: Path, fingerprint: str | None, overwrite: bool) -> dict[str
         if overwrite:
             return None
         raise WriteError(f"{out_dir}: {JOURNAL_NAME} is unreadable; pass --overwrite to start over") from None
+    recorded = journal.get("algorithm")
+    if recorded != checksum:  # its hashes cannot vouch for the shards under another algorithm
+        if overwrite:
+            return None
+        if not isinstance(recorded, str):
+            raise WriteError(f"{out_dir}: {JOURNAL_NAME} records no checksum algorithm (another moeconv version); pass --overwrite to start over")
+        raise WriteError(
+            f"{out_dir}: the unfinished conversion there checksummed its shards with {recorded}, not {checksum};"
+            f" rerun with --checksum {recorded} to resume it, or pass --overwrite to start over"
+        )
     if journal.get("fingerprint") != fingerprint:
         if overwrite:
             return None
@@ -180,10 +201,10 @@ def _resume(out_dir: Path, fingerprint: str | None, overwrite: bool) -> dict[str
             continue
         staged, final = out / staged_name(name), out / name
         found = staged if staged.is_file() else final if final.is_file() else None
-        if found is not None and found.stat().st_size == entry.get("size") and _sha256(found) == entry.get("sha256"):
+        if found is not None and found.stat().st_size == entry.get("size") and file_checksum(found, checksum) == entry.get("checksum"):
             if found == final:
                 os.replace(final, staged)
-            kept[name] = {"size": entry["size"], "sha256": entry["sha256"]}
+            kept[name] = {"size": entry["size"], "checksum": entry["checksum"]}
     for path in out.glob(".*.staged"):
         if path.name.removeprefix(".").removesuffix(".staged") not in kept:
             path.unlink()
@@ -192,17 +213,9 @@ def _resume(out_dir: Path, fingerprint: str | None, overwrite: bool) -> dict[str
     return kept
 
 
-def _write_journal(out_dir: Path, fingerprint: str, shards: dict[str, dict]) -> None:
-    data = {"fingerprint": fingerprint, "shards": shards}
+def _write_journal(out_dir: Path, fingerprint: str, checksum: str, shards: dict[str, dict]) -> None:
+    data = {"fingerprint": fingerprint, "algorithm": checksum, "shards": shards}
     atomic_write_bytes(out_dir / JOURNAL_NAME, (json.dumps(data, indent=2) + "\n").encode())
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(16 * 2**20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _abandon(out_dir: Path, finished: dict[str, dict], error: BaseException) -> None:
@@ -248,6 +261,7 @@ def execute(
     progress: Progress | None = None,
     low_disk: bool = False,
     resume: bool = False,
+    checksum: str = DEFAULT_CHECKSUM,
 ) -> dict:
     """Write the planned checkpoint to `out_dir`: shards, index, config, small files, then the report.
 
@@ -257,13 +271,16 @@ def execute(
     as no later output tensor needs it; the report records it and the peak input bytes held.
     `resume`: continue the unfinished run in `out_dir` (see `prepare_output`): shards its journal
     lists and whose bytes still hash right are kept, the rest is redone; the result is byte-identical.
+    `checksum`: the algorithm (moeconv.checksum.ALGORITHMS) of the report's `checksums` and the
+    journal; a journal written with another one is refused for resume.
     Returns the report that was written to `out_dir/moeconv-report.json`.
     """
     out_dir = Path(out_dir)
     if low_disk and plan.source.evict is None:
         raise WriteError(f"{plan.source.origin}: --low-disk deletes input shards, so it only works on hub repo ids, never on local files")
-    fingerprint = plan_fingerprint(plan)
-    kept = prepare_output(out_dir, plan.source.root, overwrite, resume=resume, fingerprint=fingerprint)
+    new_hasher(checksum)  # an unknown algorithm fails before anything is touched
+    fingerprint = plan_fingerprint(plan, checksum)
+    kept = prepare_output(out_dir, plan.source.root, overwrite, resume=resume, fingerprint=fingerprint, checksum=checksum)
     release, peak_input = input_schedule(plan) if low_disk else ({}, 0)
     chunk_bytes = int(os.environ.get("MOECONV_CHUNK_BYTES", chunk_bytes))  # test hooks: small chunks,
     delay = float(os.environ.get("MOECONV_CHUNK_DELAY", 0))  # and a pause after each (interrupt tests)
@@ -271,7 +288,7 @@ def execute(
     # done; only then do they all get their final names (then index, config, report). So a failed
     # or interrupted run never leaves a final-named shard, and --resume can keep what was finished.
     finished = dict(kept)
-    _write_journal(out_dir, fingerprint, finished)
+    _write_journal(out_dir, fingerprint, checksum, finished)
     position = 0
     try:
         for layout in plan.shards:
@@ -280,7 +297,7 @@ def execute(
                 if progress:
                     progress(layout.name, sum(spec.nbytes for spec in layout.order))
                 continue
-            with ShardWriter(out_dir, layout, out_dir / staged_name(layout.name)) as writer:
+            with ShardWriter(out_dir, layout, out_dir / staged_name(layout.name), checksum=checksum) as writer:
                 background = _BackgroundWriter(writer, progress, layout.name)
                 try:
                     for spec in layout.order:
@@ -296,8 +313,8 @@ def execute(
                 finally:
                     background.close()
                 writer.finish()
-            finished[layout.name] = {"size": layout.size, "sha256": writer.sha256}
-            _write_journal(out_dir, fingerprint, finished)
+            finished[layout.name] = {"size": layout.size, "checksum": writer.checksum}
+            _write_journal(out_dir, fingerprint, checksum, finished)
     except BaseException as error:
         _abandon(out_dir, finished, error)
         raise
@@ -319,9 +336,10 @@ def execute(
             target = out_dir / "config.json"
             atomic_write_bytes(target, (json.dumps(plan.config, indent=2) + "\n").encode())
             written.append(target)
-        hashes = {name: entry["sha256"] for name, entry in finished.items()}  # hashed while written
+        hashes = {name: entry["checksum"] for name, entry in finished.items()}  # hashed while written
         hashes = {layout.name: hashes[layout.name] for layout in plan.shards}
-        report = {**plan.to_json(), "rebuild": plan.rebuild(), "sha256": {**hashes, **{p.name: _sha256(p) for p in written}}}
+        hashes.update({p.name: file_checksum(p, checksum) for p in written})
+        report = {**plan.to_json(), "rebuild": plan.rebuild(), "checksums": {"algorithm": checksum, "files": hashes}}
         if low_disk:
             report.update(low_disk=True, peak_input_bytes=peak_input)
         atomic_write_bytes(out_dir / REPORT_NAME, (json.dumps(report, indent=2) + "\n").encode())

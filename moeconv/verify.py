@@ -2,7 +2,8 @@
 against the source it was made from.
 
 Without a source (`verify(out)`):
-  - every file the report hashes exists and has that sha256;
+  - every file the report's `checksums` lists exists and has that checksum, with the algorithm the
+    report names (xxh3-128 or sha256, see moeconv.checksum);
   - every shard's header passes the reader's validation (moeconv.source.read_header), and every
     tensor has the dtype, shape and absolute offset the report says, no more and no fewer keys;
   - every tensor the report does not list as misaligned starts at a multiple of the report's align.
@@ -22,8 +23,9 @@ from pathlib import Path
 
 import torch
 
+from moeconv.checksum import ALGORITHMS, file_checksum
 from moeconv.errors import CheckpointError, VerifyError
-from moeconv.execute import CHUNK_BYTES, REPORT_NAME, _chunks, _produce, _sha256
+from moeconv.execute import CHUNK_BYTES, REPORT_NAME, _chunks, _produce
 from moeconv.source import read_header
 
 
@@ -31,7 +33,8 @@ from moeconv.source import read_header
 class VerifyResult:
     out: Path
     problems: list[str] = field(default_factory=list)
-    files: int = 0  # files whose sha256 was checked
+    files: int = 0  # files whose checksum was checked
+    algorithm: str = ""  # of the report's checksums
     tensors: int = 0  # tensors whose header entry was checked
     compared: int = 0  # tensors whose values were compared with the source
     rows: int = 0  # rows of axis 0 compared
@@ -46,6 +49,7 @@ class VerifyResult:
             "out": str(self.out),
             "problems": self.problems,
             "files": self.files,
+            "algorithm": self.algorithm,
             "tensors": self.tensors,
             "compared": self.compared,
             "rows": self.rows,
@@ -58,7 +62,7 @@ class VerifyResult:
             more = f" (and {len(self.problems) - 3} more)" if len(self.problems) > 3 else ""
             return f"{self.out}: {len(self.problems)} problem(s): {shown}{more}"
         values = f", {self.compared} tensors ({self.rows} rows) equal to the source" if self.compared else ""
-        return f"{self.out}: ok: {self.files} files match their sha256, {self.tensors} tensors match the report{values}"
+        return f"{self.out}: ok: {self.files} files match their {self.algorithm} checksum, {self.tensors} tensors match the report{values}"
 
 
 def _load_report(out: Path) -> dict:
@@ -73,18 +77,25 @@ def _load_report(out: Path) -> dict:
         raise VerifyError(f"{path}: not a readable JSON report ({error})") from None
     if not (
         isinstance(report, dict)
-        and isinstance(report.get("sha256"), dict)
+        and isinstance(report.get("checksums"), dict)
+        and isinstance(report["checksums"].get("files"), dict)
         and isinstance(report.get("shards"), list)
         and isinstance(report.get("tensors"), list)
     ):
-        raise VerifyError(f"{path}: not a moeconv report (needs 'sha256', 'shards' and 'tensors')")
+        if isinstance(report, dict) and "checksums" not in report and "sha256" in report:
+            raise VerifyError(f"{path}: written by an older moeconv ('sha256', no 'checksums'); convert again to verify it")
+        raise VerifyError(f"{path}: not a moeconv report (needs 'checksums' with 'files', 'shards' and 'tensors')")
+    algorithm = report["checksums"].get("algorithm")
+    if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
+        raise VerifyError(f"{path}: unknown checksum algorithm {json.dumps(algorithm)} (this moeconv knows {', '.join(ALGORITHMS)})")
     return report
 
 
 def _check_hashes(out: Path, report: dict, result: VerifyResult) -> set[str]:
-    """sha256 of every file the report lists; the names of the files that are missing."""
+    """Checksum of every file the report lists; the names of the files that are missing."""
+    algorithm = result.algorithm = report["checksums"]["algorithm"]
     missing = set()
-    for name, digest in report["sha256"].items():
+    for name, digest in report["checksums"]["files"].items():
         path = out / name
         if Path(name).name != name:
             result.problems.append(f"{REPORT_NAME}: file name {json.dumps(name)} is not a plain file name")
@@ -93,10 +104,12 @@ def _check_hashes(out: Path, report: dict, result: VerifyResult) -> set[str]:
             result.problems.append(f"{path}: missing (the report lists it)")
             missing.add(name)
             continue
-        got = _sha256(path)
+        got = file_checksum(path, algorithm)
         result.files += 1
         if got != digest:
-            result.problems.append(f"{path}: sha256 {got[:16]}... differs from the report's {str(digest)[:16]}...; the file changed after conversion")
+            result.problems.append(
+                f"{path}: {algorithm} {got[:16]}... differs from the report's {str(digest)[:16]}...; the file changed after conversion"
+            )
     return missing
 
 

@@ -18,7 +18,6 @@ Keys that do not start aligned are listed in `ShardLayout.misaligned`. Same inpu
 """
 
 import ctypes
-import hashlib
 import json
 import math
 import os
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from moeconv import checksum as checksums
 from moeconv import dtypes
 from moeconv.errors import InternalError, WriteError
 from moeconv.keys import natural_key
@@ -234,14 +234,16 @@ class ShardWriter:
         path = writer.finish()
 
     The file lives under a temporary name in out_dir until finish() renames it; leaving the
-    with-block (or close()) without finish() deletes it.
+    with-block (or close()) without finish() deletes it. Every byte is hashed as it is written with
+    `checksum` (a name in moeconv.checksum.ALGORITHMS), so the report needs no second read.
     """
 
-    def __init__(self, out_dir: Path, layout: ShardLayout, final: Path | None = None):
+    def __init__(self, out_dir: Path, layout: ShardLayout, final: Path | None = None, checksum: str = checksums.DEFAULT):
         self.out_dir = Path(out_dir)
         self.layout = layout
         self.final = Path(final) if final is not None else self.out_dir / layout.name  # execute stages shards under another name
-        self._hash = hashlib.sha256()  # of every byte written, so the report needs no second read
+        self.algorithm = checksum
+        self._hash = checksums.new_hasher(checksum)  # of every byte written, so the report needs no second read
         self._index = 0  # position in layout.order of the tensor being written
         self._done = 0  # bytes of it written so far
         self._finished = False
@@ -263,8 +265,8 @@ class ShardWriter:
         self._hash.update(view)
 
     @property
-    def sha256(self) -> str:
-        """Hex sha256 of the bytes written so far (the whole file once finish() returned)."""
+    def checksum(self) -> str:
+        """Hex digest (with `self.algorithm`) of the bytes written so far (the whole file once finish() returned)."""
         return self._hash.hexdigest()
 
     def _fail(self, message: str) -> InternalError:

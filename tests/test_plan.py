@@ -64,7 +64,8 @@ def test_fuse_plan_is_exact_and_output_matches_torch(tmp_path):
         assert torch.equal(out[f"model.layers.{layer}.mlp.experts.down_proj"], down)
     report = json.loads((tmp_path / "out" / "moeconv-report.json").read_text())
     assert {t["key"] for t in report["tensors"]} == set(out)
-    assert set(report["sha256"]) == {"model.safetensors", "config.json"}
+    assert report["checksums"]["algorithm"] == "xxh3-128"
+    assert set(report["checksums"]["files"]) == {"model.safetensors", "config.json"}
 
 
 def test_chunk_size_does_not_change_a_byte(tmp_path):

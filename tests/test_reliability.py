@@ -446,6 +446,70 @@ def test_resume_redoes_a_kept_shard_whose_bytes_changed(single, tmp_path, monkey
     assert_same_folder(reference, out)
 
 
+def test_journal_records_the_algorithm_and_each_shards_checksum(single, tmp_path, monkeypatch):
+    import hashlib
+
+    import xxhash
+
+    digest = {"xxh3-128": lambda b: xxhash.xxh3_128(b).hexdigest(), "sha256": lambda b: hashlib.sha256(b).hexdigest()}
+    for algorithm in digest:
+        out = tmp_path / algorithm
+        _fail_in_shard(monkeypatch, "00003-of")
+        assert convert(single, out, "-p", "fuse-experts", "--max-shard-size", "20KB", "--checksum", algorithm).exit_code == 1
+        monkeypatch.undo()
+        journal = json.loads((out / JOURNAL_NAME).read_text())
+        assert journal["algorithm"] == algorithm and len(journal["shards"]) == 2
+        for name, entry in journal["shards"].items():
+            data = (out / f".{name}.staged").read_bytes()
+            assert entry == {"size": len(data), "checksum": digest[algorithm](data)}, name
+
+
+@pytest.mark.parametrize("first, then", [("xxh3-128", "sha256"), ("sha256", "xxh3-128")])
+def test_resume_with_another_checksum_is_refused_and_overwrite_redoes_every_shard(single, tmp_path, monkeypatch, first, then):
+    args = ("-p", "fuse-experts", "--max-shard-size", "20KB")
+    reference = tmp_path / "reference"
+    assert convert(single, reference, *args, "--checksum", then).exit_code == 0
+    out = tmp_path / "out"
+    _fail_in_shard(monkeypatch, "00003-of")
+    assert convert(single, out, *args, "--checksum", first).exit_code == 1
+    monkeypatch.undo()
+    staged = sorted(out.glob(".*.staged"))
+    assert len(staged) == 2
+    for path in staged:
+        os.utime(path, (1_000_000, 1_000_000))  # a kept shard would keep this mtime
+    before = folder_bytes(out)
+
+    refused = convert(single, out, *args, "--checksum", then, "--resume")
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    (line,) = refused.stderr.strip().splitlines()
+    assert f"checksummed its shards with {first}, not {then}" in line
+    assert f"--checksum {first}" in line and "--overwrite" in line
+    assert folder_bytes(out) == before  # refused before touching anything
+
+    result = convert(single, out, *args, "--checksum", then, "--resume", "--overwrite")
+    assert result.exit_code == 0, result.output
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) == 3 and all(p.stat().st_mtime != 1_000_000 for p in shards)  # none kept
+    assert_same_folder(reference, out)
+    assert json.loads((out / REPORT_NAME).read_text())["checksums"]["algorithm"] == then
+
+
+def test_resume_with_the_same_checksum_keeps_sha256_shards(single, tmp_path, monkeypatch):
+    args = ("-p", "fuse-experts", "--max-shard-size", "20KB", "--checksum", "sha256")
+    reference = tmp_path / "reference"
+    assert convert(single, reference, *args).exit_code == 0
+    out = tmp_path / "out"
+    _fail_in_shard(monkeypatch, "00003-of")
+    assert convert(single, out, *args).exit_code == 1
+    monkeypatch.undo()
+    for path in out.glob(".*.staged"):
+        os.utime(path, (1_000_000, 1_000_000))
+    assert convert(single, out, *args, "--resume").exit_code == 0
+    kept = [p.name for p in sorted(out.glob("*.safetensors")) if p.stat().st_mtime == 1_000_000]
+    assert kept == ["model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors"]
+    assert_same_folder(reference, out)
+
+
 def test_resume_without_a_journal(single, tmp_path):
     out = tmp_path / "out"
     assert convert(single, out, "-p", "fuse-experts", "--resume").exit_code == 0  # empty OUT: a plain run
@@ -483,12 +547,15 @@ def test_same_input_gives_byte_identical_output_from_any_folder(preset, fixture,
         assert header["__metadata__"] == {"format": "pt"}
 
 
-def test_report_sha256_hashed_while_writing_matches_the_files(sharded_mixtral_dir, tmp_path):
-    import hashlib
+def test_report_xxh3_hashed_while_writing_matches_the_files(sharded_mixtral_dir, tmp_path):
+    import xxhash
 
     out = tmp_path / "out"
     assert convert(sharded_mixtral_dir, out, "-p", "fuse-experts", "--max-shard-size", "20KB").exit_code == 0
     report = json.loads((out / REPORT_NAME).read_text())
-    assert set(report["sha256"]) == {p.name for p in out.iterdir()} - {REPORT_NAME}
-    for name, digest in report["sha256"].items():
-        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest, name
+    assert "sha256" not in report and report["checksums"]["algorithm"] == "xxh3-128"
+    files = report["checksums"]["files"]
+    assert set(files) == {p.name for p in out.iterdir()} - {REPORT_NAME}
+    assert len([n for n in files if n.endswith(".safetensors")]) >= 3
+    for name, digest in files.items():
+        assert xxhash.xxh3_128((out / name).read_bytes()).hexdigest() == digest, name

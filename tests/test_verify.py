@@ -1,5 +1,6 @@
 """moeconv verify: a fresh output passes; a flipped byte, a truncated or missing file is named."""
 
+import hashlib
 import json
 import shutil
 
@@ -19,6 +20,14 @@ def run(*args):
 def converted(tmp_path_factory, sharded_mixtral_dir):
     out = tmp_path_factory.mktemp("verify") / "out"
     result = run("convert", sharded_mixtral_dir, out, "-p", "fuse-experts", "--max-shard-size", "20KB")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def converted_sha256(tmp_path_factory, sharded_mixtral_dir):
+    out = tmp_path_factory.mktemp("verify_sha256") / "out"
+    result = run("convert", sharded_mixtral_dir, out, "-p", "fuse-experts", "--max-shard-size", "20KB", "--checksum", "sha256")
     assert result.exit_code == 0, result.output
     return out
 
@@ -69,11 +78,11 @@ def test_flipped_byte_names_the_file_and_with_against_the_key(out, sharded_mixtr
     shard = sorted(out.glob("*.safetensors"))[1]
     flip_last_byte(shard)
     line = one_line_error(run("verify", out))
-    assert shard.name in line and "sha256" in line
+    assert shard.name in line and "xxh3-128" in line
 
     key = last_tensor(out, shard.name)
     line = one_line_error(run("verify", out, "--against", sharded_mixtral_dir))
-    assert shard.name in line and "sha256" in line and f"'{key}' differs" in line
+    assert shard.name in line and "xxh3-128" in line and f"'{key}' differs" in line
 
     result = run("verify", out, "--against", sharded_mixtral_dir, "--json")
     assert result.exit_code == 1
@@ -91,9 +100,52 @@ def test_flipped_byte_in_an_unsampled_row_passes_sampling_but_not_the_hash(out, 
     raw[tensor["offset"] + row_bytes] ^= 0x01  # expert 1
     path.write_bytes(bytes(raw))
     result = verify(out, against=str(sharded_mixtral_dir), sample=2)
-    assert len(result.problems) == 1 and "sha256" in result.problems[0]
+    assert len(result.problems) == 1 and "xxh3-128" in result.problems[0]
     full = verify(out, against=str(sharded_mixtral_dir))
     assert any(f"'{tensor['key']}' differs" in p and "row 1 " in p for p in full.problems)
+
+
+def test_sha256_report_holds_hashlib_digests_and_verifies(converted_sha256, sharded_mixtral_dir):
+    report = json.loads((converted_sha256 / REPORT_NAME).read_text())
+    assert report["checksums"]["algorithm"] == "sha256" and "sha256" not in report
+    files = report["checksums"]["files"]
+    assert set(files) == {p.name for p in converted_sha256.iterdir()} - {REPORT_NAME}
+    for name, digest in files.items():
+        assert digest == hashlib.sha256((converted_sha256 / name).read_bytes()).hexdigest(), name
+    result = run("verify", converted_sha256, "--against", sharded_mixtral_dir)
+    assert result.exit_code == 0, result.output
+    assert f"{len(files)} files match their sha256 checksum" in result.stdout
+
+
+@pytest.mark.parametrize("algorithm", ["xxh3-128", "sha256"])
+def test_flipped_byte_is_caught_under_both_algorithms(algorithm, converted, converted_sha256, tmp_path):
+    out = shutil.copytree(converted if algorithm == "xxh3-128" else converted_sha256, tmp_path / "out")
+    assert verify(out).ok and verify(out).algorithm == algorithm
+    shard = sorted(out.glob("*.safetensors"))[0]
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0x10  # inside tensor data: the header still reads fine
+    shard.write_bytes(bytes(raw))
+    (problem,) = verify(out).problems
+    assert problem.startswith(f"{shard}: {algorithm} ") and "the file changed after conversion" in problem
+    line = one_line_error(run("verify", out))
+    assert shard.name in line and algorithm in line
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (lambda r: r["checksums"].update(algorithm="md5"), 'unknown checksum algorithm "md5"'),
+        (lambda r: r["checksums"].pop("algorithm"), "unknown checksum algorithm null"),
+        (lambda r: r.update(sha256=r.pop("checksums")["files"]), "older moeconv"),
+        (lambda r: r.pop("checksums"), "needs 'checksums'"),
+    ],
+)
+def test_report_with_an_unknown_algorithm_or_without_checksums(out, change, needle):
+    report = json.loads((out / REPORT_NAME).read_text())
+    change(report)
+    (out / REPORT_NAME).write_text(json.dumps(report))
+    line = one_line_error(run("verify", out))
+    assert line.startswith(f"error: {out / REPORT_NAME}: ") and needle in line
 
 
 def test_truncated_shard(out):

@@ -386,6 +386,31 @@ def test_close_without_finish_removes_temp(tmp_path):
         writer.write("a", b"")
 
 
+@pytest.mark.parametrize("algorithm", ["xxh3-128", "sha256"])
+def test_checksum_while_writing_is_the_files_digest(tmp_path, algorithm):
+    import hashlib
+
+    import xxhash
+
+    tensors = mixed_tensors()
+    layout = layout_shard("model.safetensors", [spec_of(k, v) for k, v in tensors.items()], 64)
+    with ShardWriter(tmp_path, layout, checksum=algorithm) as writer:
+        for spec in layout.order:
+            data = raw(tensors[spec.key])
+            for start in range(0, len(data), 7):  # odd-sized pieces
+                writer.write(spec.key, data[start : start + 7])
+        path = writer.finish()
+    data = path.read_bytes()
+    expected = xxhash.xxh3_128(data).hexdigest() if algorithm == "xxh3-128" else hashlib.sha256(data).hexdigest()
+    assert writer.algorithm == algorithm and writer.checksum == expected
+
+
+def test_unknown_checksum_algorithm(tmp_path):
+    with pytest.raises(ValueError, match="unknown checksum algorithm 'md5'; choose one of xxh3-128, sha256"):
+        ShardWriter(tmp_path, _layout(), checksum="md5")
+    assert os.listdir(tmp_path) == []
+
+
 def test_missing_output_folder(tmp_path):
     with pytest.raises(WriteError, match="cannot create a file in"):
         ShardWriter(tmp_path / "nope", _layout())
