@@ -1,9 +1,11 @@
 """Execute a plan: stream source slices through the op chains, chunk by chunk, into the writer.
 
 Nothing is decided here that the plan did not decide; a chunk that disagrees with the plan is a
-bug and is reported as one. Computing and writing overlap: a writer thread takes finished chunks
-from a short queue (torch kernels and file writes both release the GIL), so memory stays bounded
-by a few chunks.
+bug and is reported as one. Reading, computing and writing overlap: compute threads (one per core,
+MOECONV_THREADS to choose) produce chunks a few ahead, handed to a writer thread through a short
+queue in write order (preads, torch kernels and file writes all release the GIL). Memory stays
+bounded by the chunks in flight, and those live in recycled buffers (buffers.py): fresh pages
+cost more than the kernels.
 """
 
 import hashlib
@@ -12,9 +14,12 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from moeconv import buffers
 from moeconv.checksum import DEFAULT as DEFAULT_CHECKSUM
 from moeconv.checksum import file_checksum, new_hasher
 from moeconv.errors import InternalError, MoeconvError, OpError, WriteError
@@ -22,7 +27,8 @@ from moeconv.graph import chunk_rows
 from moeconv.plan import Plan, PlannedTensor
 from moeconv.writer import INDEX_NAME, ShardWriter, _fsync_dir, atomic_write_bytes, write_index
 
-CHUNK_BYTES = 64 * 2**20
+CHUNK_BYTES = 32 * 2**20  # one gpt-oss expert (33 MB bf16) per chunk at most; fewer in flight = less memory
+RECYCLE_CHUNKS = 12  # chunk-sized buffers kept for reuse (see buffers.py): about what the pipeline holds at once
 REPORT_NAME = "moeconv-report.json"
 JOURNAL_NAME = ".moeconv-progress.json"  # an unfinished run: its finished shards, for --resume
 _DONE = object()
@@ -54,6 +60,54 @@ def _produce(tensor: PlannedTensor, rows: tuple[int, int] | None):
             f"'{tensor.key}' rows {rows}, the plan says {node.dtype} {list(expected)}: this is a moeconv bug"
         )
     return chunk.contiguous()
+
+
+def _jobs(plan: Plan, layout, chunk_bytes: int):
+    """(tensor, rows, last chunk of the tensor?) for every chunk of a shard, in write order."""
+    for spec in layout.order:
+        tensor = plan.tensors[spec.key]
+        ranges = list(_chunks(tensor, chunk_bytes))
+        for i, rows in enumerate(ranges):
+            yield tensor, rows, i == len(ranges) - 1
+
+
+def _compute_threads() -> int:
+    """Threads computing chunks: one per core this process may use, at most 4 (each holds a few
+    chunks of memory)."""
+    return int(os.environ.get("MOECONV_THREADS", 0)) or max(1, min(len(os.sched_getaffinity(0)), 4))
+
+
+class _ComputePool:
+    """Computes chunks on several threads (torch kernels and preads release the GIL) and hands them
+    back in order, at most `threads` chunks ahead of the one being handed out."""
+
+    def __init__(self, threads: int):
+        self.threads = threads
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="moeconv-compute") if threads > 1 else None
+
+    def ordered(self, jobs):
+        """Yield (tensor, chunk, last) for each (tensor, rows, last) job, in the jobs' order."""
+        if self.pool is None:
+            for tensor, rows, last in jobs:
+                yield tensor, _produce(tensor, rows), last
+            return
+        pending: deque = deque()
+        try:
+            for tensor, rows, last in jobs:
+                pending.append((tensor, self.pool.submit(_produce, tensor, rows), last))
+                if len(pending) > self.threads:
+                    tensor_, future, last_ = pending.popleft()
+                    yield tensor_, future.result(), last_
+            while pending:
+                tensor_, future, last_ = pending.popleft()
+                yield tensor_, future.result(), last_
+        finally:
+            for _, future, _ in pending:  # a failure or interrupt: drop what nobody will write
+                future.cancel()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _BackgroundWriter:
@@ -290,34 +344,37 @@ def execute(
     finished = dict(kept)
     _write_journal(out_dir, fingerprint, checksum, finished)
     position = 0
+    compute = _ComputePool(_compute_threads())
     try:
-        for layout in plan.shards:
-            if layout.name in finished:  # kept by --resume: its bytes were checked against the journal
-                position += len(layout.order)
-                if progress:
-                    progress(layout.name, sum(spec.nbytes for spec in layout.order))
-                continue
-            with ShardWriter(out_dir, layout, out_dir / staged_name(layout.name), checksum=checksum) as writer:
-                background = _BackgroundWriter(writer, progress, layout.name)
-                try:
-                    for spec in layout.order:
-                        tensor = plan.tensors[spec.key]
-                        for rows in _chunks(tensor, chunk_bytes):
-                            background.put(spec.key, _produce(tensor, rows))
+        with buffers.recycling(RECYCLE_CHUNKS * chunk_bytes):
+            for layout in plan.shards:
+                if layout.name in finished:  # kept by --resume: its bytes were checked against the journal
+                    position += len(layout.order)
+                    if progress:
+                        progress(layout.name, sum(spec.nbytes for spec in layout.order))
+                    continue
+                with ShardWriter(out_dir, layout, out_dir / staged_name(layout.name), checksum=checksum) as writer:
+                    background = _BackgroundWriter(writer, progress, layout.name)
+                    try:
+                        for tensor, chunk, last in compute.ordered(_jobs(plan, layout, chunk_bytes)):
+                            background.put(tensor.key, chunk)
                             if delay:
                                 time.sleep(delay)
-                        tensor.node.release()
-                        for file in release.get(position, ()):
-                            plan.source.release_file(file)  # unlinking a mapped file is safe: queued chunks keep their pages
-                        position += 1
-                finally:
-                    background.close()
-                writer.finish()
-            finished[layout.name] = {"size": layout.size, "checksum": writer.checksum}
-            _write_journal(out_dir, fingerprint, checksum, finished)
+                            if last:
+                                tensor.node.release()
+                                for file in release.get(position, ()):
+                                    plan.source.release_file(file)  # unlinking a mapped file is safe: queued chunks keep their pages
+                                position += 1
+                    finally:
+                        background.close()
+                    writer.finish()
+                finished[layout.name] = {"size": layout.size, "checksum": writer.checksum}
+                _write_journal(out_dir, fingerprint, checksum, finished)
     except BaseException as error:
         _abandon(out_dir, finished, error)
         raise
+    finally:
+        compute.close()
     renamed: list[str] = []
     try:
         for layout in plan.shards:

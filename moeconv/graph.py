@@ -9,6 +9,7 @@ the plan reports it).
 """
 
 import math
+import threading
 
 import torch
 
@@ -66,6 +67,7 @@ class OpNode(Node):
         self._router = self._leading and self._route_rows()
         self.materializes = self._leading and self._router is None and in_ndim > 0
         self._cache: torch.Tensor | None = None
+        self._lock = threading.Lock()
 
     def _route_rows(self):
         """For ops along dim 0 that only move whole rows: a function (start, stop) -> rows."""
@@ -99,15 +101,17 @@ class OpNode(Node):
             return self._apply([node.rows(start, stop) for node in self.inputs])
         if self._router is not None:
             return self._router(start, stop)
-        if self._cache is None:
-            self._cache = self._apply([node.whole() for node in self.inputs])
-        return self._cache[start:stop]
+        with self._lock:  # compute threads asking for different rows share one whole computation
+            if self._cache is None:
+                self._cache = self._apply([node.whole() for node in self.inputs])
+            return self._cache[start:stop]
 
     def _scalar(self) -> torch.Tensor:
         return self._apply([node.whole() for node in self.inputs])
 
     def release(self) -> None:
-        self._cache = None
+        with self._lock:
+            self._cache = None
         for node in self.inputs:
             node.release()
 

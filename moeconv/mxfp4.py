@@ -23,6 +23,7 @@ How it is fast (~30x transformers on one core; figure and command in tests/test_
 
 import torch
 
+from moeconv import buffers
 from moeconv.errors import OpError
 
 # E2M1 code -> value (index = 4-bit code; bit 3 is the sign).
@@ -142,7 +143,7 @@ def dequantize(
     total = flat_blocks.shape[0]
     shape = (*lead, groups * 32)
     if out is None:
-        out = torch.empty(total, 32, dtype=dtype)  # [N, 32]
+        out = buffers.empty((total, 32), dtype)  # [N, 32]
     elif tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous():
         raise OpError(f"dequantize-mxfp4: out must be a contiguous {dtype} tensor of shape {list(shape)}")
     out = out.view(total, 32)
@@ -154,8 +155,8 @@ def dequantize(
     odd = smin < lo or smax > hi
     check_overflow = dtype == torch.float16 and smax >= _FP16_OVERFLOW_SCALE
     chunk = min(_CHUNK_GROUPS, total)
-    idx = torch.empty(chunk, 8, dtype=torch.int32)
-    staging = torch.empty(chunk, 32, dtype=work) if work != dtype else None
+    idx = buffers.empty((chunk, 8), torch.int32)
+    staging = buffers.empty((chunk, 32), work) if work != dtype else None
     for g0 in range(0, total, chunk):
         g1 = min(g0 + chunk, total)
         target = out[g0:g1] if staging is None else staging[: g1 - g0]

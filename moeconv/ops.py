@@ -17,7 +17,7 @@ from typing import Callable, Literal
 
 import torch
 
-from moeconv import mxfp4
+from moeconv import buffers, mxfp4
 from moeconv.dtypes import USER_DTYPES
 from moeconv.errors import OpError, RecipeError
 
@@ -242,7 +242,7 @@ def transpose(x: torch.Tensor, *, dim0: int, dim1: int) -> torch.Tensor:
         return x.transpose(d0, d1).contiguous()
     # One strided copy of a [5760, 2880] bf16 matrix runs at ~1.2e8 elem/s here (every read misses
     # cache); copying bands of rows of x's dim a that fit in L2 runs at ~9e8 (tiles measured 16..1920).
-    out = torch.empty(x.transpose(a, b).shape, dtype=x.dtype)  # x's shape with dims a and b swapped
+    out = buffers.empty(x.transpose(a, b).shape, x.dtype)  # x's shape with dims a and b swapped
     band_bytes = x.element_size() * x[(0,) * a].numel() // x.shape[a]  # bytes of one index along dim a
     band = max(16, _TILE_BYTES // max(band_bytes, 1))
     for start in range(0, x.shape[a], band):

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from moeconv import dtypes
+from moeconv import buffers, dtypes
 from moeconv.errors import CheckpointError
 from moeconv.keys import natural_key
 
@@ -413,7 +413,7 @@ class Checkpoint:
     def read(self, key: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
         """The tensor, or rows start:stop of its first axis (never a whole shard).
 
-        Rows of axis 0 are one contiguous byte range: it is pread into a fresh tensor. Not through the
+        Rows of axis 0 are one contiguous byte range: it is pread into a fresh (or recycled, see buffers.py) tensor. Not through the
         mmap: every mapped page a conversion touches stays in the process's resident set until the
         file is closed, so peak RSS would grow with the input (1.6 GB for one gpt-oss-120b layer);
         pread leaves those pages in the page cache only.
@@ -429,7 +429,7 @@ class Checkpoint:
         rows = info.shape[0]
         first, last, _ = slice(start, stop).indices(rows)
         count = max(last - first, 0)
-        out = torch.empty((count, *info.shape[1:]), dtype=dtypes.to_torch(info.dtype))
+        out = buffers.empty((count, *info.shape[1:]), dtypes.to_torch(info.dtype))
         nbytes = out.numel() * out.element_size()
         if nbytes == 0:
             return out

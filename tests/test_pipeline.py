@@ -1,0 +1,97 @@
+"""The executor's performance machinery must be invisible in the output: recycled buffers and
+several compute threads give the same bytes, errors and report."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from moeconv import buffers
+from moeconv.cli import app
+from moeconv.execute import execute
+from moeconv.plan import build_plan
+from moeconv.recipe import load_preset
+from moeconv.source import Checkpoint
+
+MiB = 2**20
+
+
+def test_a_buffer_is_reused_only_once_nothing_refers_to_it():
+    with buffers.recycling(8 * MiB):
+        a = buffers.empty((MiB,), torch.uint8)
+        b = buffers.empty((MiB,), torch.uint8)
+        assert a.data_ptr() != b.data_ptr()  # a is still held
+        view = a[10:20]
+        pointer = a.data_ptr()
+        del a
+        c = buffers.empty((MiB,), torch.uint8)
+        assert c.data_ptr() != pointer  # a view still holds a's storage
+        del view
+        d = buffers.empty((MiB // 2,), torch.int16)  # same byte size, another dtype and shape
+        assert d.data_ptr() == pointer and d.shape == (MiB // 2,) and d.dtype == torch.int16
+        b.fill_(1)
+        d.fill_(7)
+        assert bool((b == 1).all())  # writes to the recycled buffer do not reach a held one
+        assert b.data_ptr() not in (c.data_ptr(), d.data_ptr())
+
+
+def test_recycling_respects_its_budget_and_ends_with_the_block():
+    with buffers.recycling(3 * MiB):
+        held = [buffers.empty((MiB,), torch.uint8) for _ in range(5)]  # 2 past the budget: plain torch.empty
+        pointers = [t.data_ptr() for t in held]
+        del held
+        again = [buffers.empty((MiB,), torch.uint8) for _ in range(3)]
+        assert {t.data_ptr() for t in again} <= set(pointers[:3])
+    outside = buffers.empty((MiB,), torch.uint8)
+    assert outside.data_ptr() not in {t.data_ptr() for t in again}  # the pool let go; again still holds them
+    assert buffers.empty((MiB // 4,), torch.float32).shape == (MiB // 4,)  # small or outside: torch.empty
+
+
+@pytest.mark.parametrize("threads", ["1", "2", "3"])
+def test_output_is_identical_whatever_the_threads_and_chunks(gpt_oss_mxfp4_dir, tmp_path, monkeypatch, threads):
+    """gpt-oss-bf16 with 1..3 compute threads and tiny chunks (many in flight, buffers recycled
+    between them) gives the bytes of a one-thread, one-chunk-per-tensor run."""
+    plan = lambda: build_plan(Checkpoint.open(gpt_oss_mxfp4_dir), [load_preset("gpt-oss-bf16")])  # noqa: E731
+    monkeypatch.setenv("MOECONV_THREADS", "1")
+    execute(plan(), tmp_path / "reference", chunk_bytes=2**40)
+    monkeypatch.setenv("MOECONV_THREADS", threads)
+    execute(plan(), tmp_path / "out", chunk_bytes=4096)
+    names = sorted(p.name for p in (tmp_path / "reference").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "out").iterdir())
+    for name in names:
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name
+
+
+def test_an_error_in_a_compute_thread_is_the_usual_one_line_error(gpt_oss_mxfp4_dir, tmp_path, monkeypatch):
+    """fp16 overflow happens inside a worker thread; the CLI still prints one line naming the key."""
+    monkeypatch.setenv("MOECONV_THREADS", "2")
+    monkeypatch.setenv("MOECONV_CHUNK_BYTES", "4096")
+    source = tmp_path / "src"
+    shutil.copytree(gpt_oss_mxfp4_dir, source)
+    shard = next(path for path in sorted(source.glob("*.safetensors")) if any(k.endswith("down_proj_scales") for k in load_file(path)))
+    tensors = load_file(shard)
+    key = next(k for k in tensors if k.endswith("down_proj_scales"))
+    tensors[key] = torch.full_like(tensors[key], 127 + 20)  # 2**20 * 6: far beyond fp16
+    save_file(tensors, shard, metadata={"format": "pt"})
+    result = CliRunner().invoke(app, ["convert", str(source), str(tmp_path / "out"), "-p", "gpt-oss-bf16", "--dtype", "fp16"])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "overflow fp16" in lines[0] and key.removesuffix("_scales") in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "model.safetensors").exists() and not (tmp_path / "out" / "moeconv-report.json").exists()
+
+
+def test_convert_writes_the_same_report_as_the_dry_run_shows(gpt_oss_mxfp4_dir, tmp_path):
+    runner = CliRunner()
+    dry = runner.invoke(app, ["convert", str(gpt_oss_mxfp4_dir), str(tmp_path / "out"), "-p", "gpt-oss-bf16", "--dry-run", "--json"])
+    assert dry.exit_code == 0, dry.output
+    done = runner.invoke(app, ["convert", str(gpt_oss_mxfp4_dir), str(tmp_path / "out"), "-p", "gpt-oss-bf16"])
+    assert done.exit_code == 0, done.output
+    written = json.loads((tmp_path / "out" / "moeconv-report.json").read_text())
+    planned = json.loads(dry.stdout)
+    for field in ("checked", "ok", "consumer", "missing", "unexpected", "mismatched", "conversion_errors"):
+        assert written[field] == planned[field], field
+    assert written["checked"] and written["ok"]
