@@ -99,17 +99,6 @@ def _floor(src: str, out_bytes: str, out: str) -> None:
         os.fsync(handle.fileno())
 
 
-def _moeconv_nohash(src: str, out: str, preset: str) -> None:
-    """Diagnostic: moeconv's library path with the report's sha256 pass stubbed out (where time goes)."""
-    import moeconv.execute as ex
-    from moeconv.plan import build_plan
-    from moeconv.recipe import load_preset
-    from moeconv.source import Checkpoint
-
-    ex._sha256 = lambda path: "not computed (benchmark diagnostic)"
-    ex.execute(build_plan(Checkpoint.open(src), [load_preset(preset)]), out, overwrite=True)
-
-
 def _transformers(kind: str, src: str, out: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, Mxfp4Config
@@ -123,26 +112,35 @@ def _transformers(kind: str, src: str, out: str) -> None:
 
 
 def compare(src: Path, data: Path, preset: str, kind: str, title: str) -> dict:
+    """moeconv and the I/O floor twice each, interleaved (this disk's speed drifts by +-20 % over
+    minutes), then moeconv with sha256 and transformers once. Ratios use the means."""
     print(f"\n{title}: {src.name} ({size_of(src) / 1e9:.2f} GB in)")
     out = data / "out"
     shutil.rmtree(out, ignore_errors=True)
-    ours = run(moeconv(src, out, preset), "moeconv")
-    out_bytes = size_of(out)
-    shutil.rmtree(out)
-    nohash = run([PY, __file__, "_moeconv_nohash", str(src), str(out), preset], "  diagnostic: moeconv without the sha256 pass")
-    shutil.rmtree(out)
-    floor = run(io_floor(src, out_bytes, out), f"I/O floor (read {size_of(src) / 1e9:.2f} GB, write {out_bytes / 1e9:.2f} GB)")
+    ours, floor = [], []
+    for _ in range(2):
+        ours.append(run(moeconv(src, out, preset), "moeconv"))
+        out_bytes = size_of(out)
+        shutil.rmtree(out)
+        floor.append(run(io_floor(src, out_bytes, out), f"I/O floor (read {size_of(src) / 1e9:.2f} GB, write {out_bytes / 1e9:.2f} GB)"))
+        shutil.rmtree(out)
+    sha = run(moeconv(src, out, preset) + ["--checksum", "sha256"], "moeconv --checksum sha256")
     shutil.rmtree(out)
     theirs = run(transformers(src, out, kind), "transformers from_pretrained + save_pretrained")
     shutil.rmtree(out)
+    wall = sum(r["wall"] for r in ours) / len(ours)
+    floor_wall = sum(r["wall"] for r in floor) / len(floor)
+    rss = max(r["rss_gb"] for r in ours)
     ratios = {
-        "speedup_vs_transformers": theirs["wall"] / ours["wall"],
-        "memory_vs_transformers": ours["rss_gb"] / theirs["rss_gb"],
-        "vs_io_floor": ours["wall"] / floor["wall"],
+        "speedup_vs_transformers": theirs["wall"] / wall,
+        "memory_vs_transformers": rss / theirs["rss_gb"],
+        "vs_io_floor": wall / floor_wall,
+        "floor_vs_transformers": theirs["wall"] / floor_wall,
     }
-    print(f"  moeconv is {ratios['speedup_vs_transformers']:.1f}x faster than transformers with "
-          f"1/{1 / ratios['memory_vs_transformers']:.1f} of its peak RSS; {ratios['vs_io_floor']:.2f}x the I/O floor")
-    return {"input_bytes": size_of(src), "output_bytes": out_bytes, "moeconv": ours, "moeconv_nohash": nohash, "floor": floor, "transformers": theirs, **ratios}
+    print(f"  moeconv (mean {wall:.2f} s) is {ratios['speedup_vs_transformers']:.1f}x faster than transformers with "
+          f"1/{1 / ratios['memory_vs_transformers']:.1f} of its peak RSS; {ratios['vs_io_floor']:.2f}x the I/O floor "
+          f"(mean {floor_wall:.2f} s, itself {ratios['floor_vs_transformers']:.1f}x faster than transformers)")
+    return {"input_bytes": size_of(src), "output_bytes": out_bytes, "moeconv": ours, "moeconv_sha256": sha, "floor": floor, "transformers": theirs, **ratios}
 
 
 def memory_sweep(data: Path, cases: list[tuple[str, int]], vocab: int) -> list[dict]:
@@ -154,6 +152,9 @@ def memory_sweep(data: Path, cases: list[tuple[str, int]], vocab: int) -> list[d
         shutil.rmtree(out, ignore_errors=True)
         result = run(moeconv(src, out, "gpt-oss-bf16"), f"{model} width x {layers} layer(s)")
         result.update(model=model, layers=layers, output_bytes=size_of(out))
+        shutil.rmtree(out)
+        floor = run(io_floor(src, result["output_bytes"], out), "  its I/O floor")
+        result.update(floor_wall=floor["wall"], vs_io_floor=result["wall"] / floor["wall"])
         shutil.rmtree(out)
         if model == "gpt-oss-120b":
             shutil.rmtree(src)  # 1.6 GB in, not reused
@@ -215,7 +216,7 @@ def kernel() -> dict:
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1].startswith("_"):
-        {"_floor": _floor, "_moeconv_nohash": _moeconv_nohash, "_transformers": _transformers, "_kernel": _kernel}[sys.argv[1]](*sys.argv[2:])
+        {"_floor": _floor, "_transformers": _transformers, "_kernel": _kernel}[sys.argv[1]](*sys.argv[2:])
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")

@@ -28,6 +28,7 @@ from moeconv.plan import Plan, PlannedTensor
 from moeconv.writer import INDEX_NAME, ShardWriter, _fsync_dir, atomic_write_bytes, write_index
 
 CHUNK_BYTES = 32 * 2**20  # one gpt-oss expert (33 MB bf16) per chunk at most; fewer in flight = less memory
+AHEAD_CHUNKS = 4  # bytes computed ahead of the writer, in chunks
 RECYCLE_CHUNKS = 12  # chunk-sized buffers kept for reuse (see buffers.py): about what the pipeline holds at once
 REPORT_NAME = "moeconv-report.json"
 JOURNAL_NAME = ".moeconv-progress.json"  # an unfinished run: its finished shards, for --resume
@@ -71,6 +72,11 @@ def _jobs(plan: Plan, layout, chunk_bytes: int):
             yield tensor, rows, i == len(ranges) - 1
 
 
+def _chunk_bytes(tensor: PlannedTensor, rows: tuple[int, int] | None) -> int:
+    node = tensor.node
+    return node.nbytes if rows is None else node.nbytes // node.shape[0] * (rows[1] - rows[0])
+
+
 def _compute_threads() -> int:
     """Threads computing chunks: one per core this process may use, at most 4 (each holds a few
     chunks of memory)."""
@@ -79,10 +85,11 @@ def _compute_threads() -> int:
 
 class _ComputePool:
     """Computes chunks on several threads (torch kernels and preads release the GIL) and hands them
-    back in order, at most `threads` chunks ahead of the one being handed out."""
+    back in order. At most `threads` + 1 chunks are submitted and not yet handed out, and together
+    at most `budget` bytes unless one chunk alone is bigger (a 235 MB Mixtral expert: one at a time)."""
 
-    def __init__(self, threads: int):
-        self.threads = threads
+    def __init__(self, threads: int, budget: int):
+        self.threads, self.budget = threads, budget
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="moeconv-compute") if threads > 1 else None
 
     def ordered(self, jobs):
@@ -91,18 +98,19 @@ class _ComputePool:
             for tensor, rows, last in jobs:
                 yield tensor, _produce(tensor, rows), last
             return
-        pending: deque = deque()
+        pending: deque = deque()  # (tensor, future, last, bytes), in write order
         try:
             for tensor, rows, last in jobs:
-                pending.append((tensor, self.pool.submit(_produce, tensor, rows), last))
-                if len(pending) > self.threads:
-                    tensor_, future, last_ = pending.popleft()
-                    yield tensor_, future.result(), last_
+                size = _chunk_bytes(tensor, rows)
+                while pending and (len(pending) > self.threads or sum(p[3] for p in pending) + size > self.budget):
+                    done, future, done_last, _ = pending.popleft()
+                    yield done, future.result(), done_last
+                pending.append((tensor, self.pool.submit(_produce, tensor, rows), last, size))
             while pending:
-                tensor_, future, last_ = pending.popleft()
-                yield tensor_, future.result(), last_
+                done, future, done_last, _ = pending.popleft()
+                yield done, future.result(), done_last
         finally:
-            for _, future, _ in pending:  # a failure or interrupt: drop what nobody will write
+            for _, future, _, _ in pending:  # a failure or interrupt: drop what nobody will write
                 future.cancel()
 
     def close(self) -> None:
@@ -115,7 +123,7 @@ class _BackgroundWriter:
 
     def __init__(self, writer: ShardWriter, progress: Progress | None, shard: str):
         self.writer, self.progress, self.shard = writer, progress, shard
-        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.queue: queue.Queue = queue.Queue(maxsize=1)  # the compute pool holds the chunks ahead
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -344,7 +352,7 @@ def execute(
     finished = dict(kept)
     _write_journal(out_dir, fingerprint, checksum, finished)
     position = 0
-    compute = _ComputePool(_compute_threads())
+    compute = _ComputePool(_compute_threads(), AHEAD_CHUNKS * chunk_bytes)
     try:
         with buffers.recycling(RECYCLE_CHUNKS * chunk_bytes):
             for layout in plan.shards:

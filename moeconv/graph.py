@@ -74,7 +74,7 @@ class OpNode(Node):
         if self._dim != 0:
             return None
         if self.op == "stack":
-            return lambda a, b: torch.stack([m.whole() for m in self.inputs[a:b]])  # [b-a, *member]
+            return self._stack_rows
         if self.op == "unstack":
             return lambda a, b: self.inputs[0].rows(self.index, self.index + 1)[0, a:b]
         if self.op == "split":
@@ -84,6 +84,12 @@ class OpNode(Node):
             return self._concat_rows
         return None
 
+    def _stack_rows(self, start: int, stop: int) -> torch.Tensor:
+        members = [m.whole() for m in self.inputs[start:stop]]
+        if len(members) == 1:  # one expert per chunk (they are large): no copy
+            return members[0].unsqueeze(0)  # [1, *member]
+        return ops.stack(*members, dim=0)  # [stop-start, *member]
+
     def _concat_rows(self, start: int, stop: int) -> torch.Tensor:
         pieces, offset = [], 0
         for node in self.inputs:
@@ -91,7 +97,7 @@ class OpNode(Node):
             if lo < hi:
                 pieces.append(node.rows(lo - offset, hi - offset))
             offset += node.shape[0]
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        return pieces[0] if len(pieces) == 1 else ops.concat(*pieces, dim=0)
 
     def _apply(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         return ops.apply(self.op, inputs, self.params)[self.index]

@@ -193,12 +193,22 @@ def _same(op: str, xs: tuple[torch.Tensor, ...], skip: int | None) -> None:
 # ---- the ops ------------------------------------------------------------------------------------
 
 
+def _output(shape: list[int], like: torch.Tensor) -> torch.Tensor:
+    """Where an op writes its result (`like`'s dtype; `_same` checked the inputs agree): recycled
+    memory during a conversion (buffers.py), meta when planning."""
+    if like.is_meta:
+        return torch.empty(shape, dtype=like.dtype, device="meta")
+    return buffers.empty(shape, like.dtype)
+
+
 @register("concat", inverse="split", n_inputs=None, leading=_along_dim_0)
 def concat(*xs: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Join tensors along an existing dim (e.g. gate [I, H] + up [I, H] -> [2I, H])."""
     d = _dim("concat", dim, xs[0].dim())
     _same("concat", xs, skip=d)
-    return torch.cat(xs, dim=d)  # contiguous
+    shape = list(xs[0].shape)
+    shape[d] = sum(x.shape[d] for x in xs)
+    return torch.cat(xs, dim=d, out=_output(shape, xs[0]))  # contiguous
 
 
 @register("split", inverse="concat", leading=_along_dim_0)
@@ -215,7 +225,9 @@ def stack(*xs: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Stack equal-shaped tensors along a new dim (E experts [2I, H] -> [E, 2I, H])."""
     d = _dim("stack", dim, xs[0].dim() + 1)
     _same("stack", xs, skip=None)
-    return torch.stack(xs, dim=d)
+    shape = list(xs[0].shape)
+    shape.insert(d, len(xs))
+    return torch.stack(xs, dim=d, out=_output(shape, xs[0]))
 
 
 @register("unstack", inverse="stack", leading=_along_dim_0)
@@ -242,7 +254,7 @@ def transpose(x: torch.Tensor, *, dim0: int, dim1: int) -> torch.Tensor:
         return x.transpose(d0, d1).contiguous()
     # One strided copy of a [5760, 2880] bf16 matrix runs at ~1.2e8 elem/s here (every read misses
     # cache); copying bands of rows of x's dim a that fit in L2 runs at ~9e8 (tiles measured 16..1920).
-    out = buffers.empty(x.transpose(a, b).shape, x.dtype)  # x's shape with dims a and b swapped
+    out = _output(list(x.transpose(a, b).shape), x)  # x's shape with dims a and b swapped
     band_bytes = x.element_size() * x[(0,) * a].numel() // x.shape[a]  # bytes of one index along dim a
     band = max(16, _TILE_BYTES // max(band_bytes, 1))
     for start in range(0, x.shape[a], band):
