@@ -2,7 +2,7 @@
 """Time moeconv against transformers and the I/O floor, side by side in one run; print every figure.
 
     python benchmarks/run.py --quick          # gpt-oss-20b width, 1 layer, small vocab + kernel (~3 min)
-    python benchmarks/run.py                  # the full set in benchmarks/RESULTS.md (~20 min, ~40 GB disk)
+    python benchmarks/run.py                  # the full set in benchmarks/RESULTS.md (~25 min, ~20 GB disk)
     python benchmarks/run.py --data DIR       # where checkpoints go (default benchmarks/data/, git-ignored)
 
 Every contender runs as its own subprocess; wall time, user+sys CPU and peak RSS come from os.wait4
