@@ -50,6 +50,10 @@ class SourceNode(Node):
     def rows(self, start: int, stop: int) -> torch.Tensor:
         return self.checkpoint.read(self.key, start, stop)
 
+    def rows_within(self, index: int, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop of row `index`'s own first axis (one expert's slice of a stacked tensor)."""
+        return self.checkpoint.read(self.key, start, stop, within=index)
+
     def _scalar(self) -> torch.Tensor:
         return self.checkpoint.read(self.key)
 
@@ -76,7 +80,10 @@ class OpNode(Node):
         if self.op == "stack":
             return self._stack_rows
         if self.op == "unstack":
-            return lambda a, b: self.inputs[0].rows(self.index, self.index + 1)[0, a:b]
+            stacked = self.inputs[0]
+            if isinstance(stacked, SourceNode):  # read just the rows asked for, not the whole member
+                return lambda a, b: stacked.rows_within(self.index, a, b)
+            return lambda a, b: stacked.rows(self.index, self.index + 1)[0, a:b]
         if self.op == "split":
             part = self.shape[0]
             return lambda a, b: self.inputs[0].rows(self.index * part + a, self.index * part + b)
@@ -129,7 +136,8 @@ def infer_outputs(op: str, params: dict, inputs: list[Node]) -> list[tuple[torch
 
 def chunk_rows(node: Node, budget: int) -> int:
     """How many rows of axis 0 to produce at once so a chunk stays near `budget` bytes."""
-    if not node.shape or node.materializes or isinstance(node, OpNode) and node.op == "unstack":
+    whole_member = isinstance(node, OpNode) and node.op == "unstack" and not isinstance(node.inputs[0], SourceNode)
+    if not node.shape or node.materializes or whole_member:
         return max(node.shape[0], 1) if node.shape else 1
     row_bytes = max(node.nbytes // max(node.shape[0], 1), 1)
     return max(1, min(node.shape[0], budget // row_bytes))

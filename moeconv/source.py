@@ -410,8 +410,10 @@ class Checkpoint:
                     self._fds[file] = fd
         return fd
 
-    def read(self, key: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
-        """The tensor, or rows start:stop of its first axis (never a whole shard).
+    def read(self, key: str, start: int | None = None, stop: int | None = None, *, within: int | None = None) -> torch.Tensor:
+        """The tensor, or rows start:stop of its first axis (never a whole shard). With `within`:
+        rows start:stop of the second axis of row `within` (a slice of one expert of a stacked
+        tensor, also one contiguous byte range).
 
         Rows of axis 0 are one contiguous byte range: it is pread into a fresh (or recycled, see buffers.py) tensor. Not through the
         mmap: every mapped page a conversion touches stays in the process's resident set until the
@@ -426,16 +428,21 @@ class Checkpoint:
             if start is not None or stop is not None:
                 raise CheckpointError(f"{info.file}: tensor {_q(key)} is 0-d; it has no rows to slice")
             return handle.get_tensor(key)
-        rows = info.shape[0]
-        first, last, _ = slice(start, stop).indices(rows)
+        dims, begin, span = info.shape, info.begin, info.nbytes  # what start:stop slices
+        if within is not None:
+            if len(dims) < 2 or not 0 <= within < dims[0]:
+                raise CheckpointError(f"{info.file}: tensor {_q(key)} {list(dims)} has no row {within} to slice within")
+            span = info.nbytes // dims[0]
+            dims, begin = dims[1:], begin + within * span
+        first, last, _ = slice(start, stop).indices(dims[0])
         count = max(last - first, 0)
-        out = buffers.empty((count, *info.shape[1:]), dtypes.to_torch(info.dtype))
+        out = buffers.empty((count, *dims[1:]), dtypes.to_torch(info.dtype))
         nbytes = out.numel() * out.element_size()
         if nbytes == 0:
             return out
         fd = self._fd(info.file)
         view = memoryview(out.view(-1).view(torch.uint8).numpy())
-        offset, done = info.begin + first * (info.nbytes // rows), 0
+        offset, done = begin + first * (span // dims[0]), 0
         while done < nbytes:
             try:
                 got = os.preadv(fd, [view[done:]], offset + done)

@@ -56,6 +56,37 @@ def test_unfuse_after_fuse_gives_back_the_source_bytes(per_expert, tmp_path):
         assert back[key].view(torch.uint8).flatten().tolist() == tensor.view(torch.uint8).flatten().tolist(), key
 
 
+def test_unfuse_reads_each_source_byte_once_in_bounded_chunks(tmp_path, monkeypatch):
+    """Splitting a stacked gate_up_proj reads just each expert's gate rows, then its up rows: no
+    expert is read whole twice, and no chunk is bigger than the chunk size (unless one row is)."""
+    from moeconv.execute import execute
+    from moeconv.plan import build_plan
+    from moeconv.recipe import load_preset
+    from moeconv.source import Checkpoint
+
+    source = build_per_expert("mixtral", tmp_path / "src")
+    assert convert(source, tmp_path / "fused", "--preset", "fuse-experts").exit_code == 0
+    read_bytes, largest = [0], [0]
+    original_read = Checkpoint.read
+
+    def counting_read(self, *args, **kwargs):
+        tensor = original_read(self, *args, **kwargs)
+        read_bytes[0] += tensor.numel() * tensor.element_size()
+        largest[0] = max(largest[0], tensor.numel() * tensor.element_size())
+        return tensor
+
+    monkeypatch.setattr(Checkpoint, "read", counting_read)
+    fused = Checkpoint.open(tmp_path / "fused")
+    plan = build_plan(fused, [load_preset("unfuse-experts")])
+    gate_up = next(k for k in fused.tensors if k.endswith("gate_up_proj"))
+    row_bytes = fused.tensors[gate_up].nbytes // fused.tensors[gate_up].shape[0] // fused.tensors[gate_up].shape[1]
+    execute(plan, tmp_path / "back", chunk_bytes=4 * row_bytes)
+    assert read_bytes[0] == sum(info.nbytes for info in fused.tensors.values())
+    assert largest[0] <= max(4 * row_bytes, max(i.nbytes // max(i.shape[0], 1) for i in fused.tensors.values() if i.shape))
+    original, back = all_tensors(source), all_tensors(tmp_path / "back")
+    assert set(back) == set(original) and all(torch.equal(back[k], original[k]) for k in original)
+
+
 def test_dry_run_reports_exactly_the_missing_and_unexpected_key(tmp_path):
     source = build_per_expert("qwen3_moe", tmp_path / "src")
     (shard,) = source.glob("*.safetensors")

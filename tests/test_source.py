@@ -228,6 +228,13 @@ def test_read_slices_equal_original(tmp_path):
         assert torch.equal(ckpt.read("scalar"), tensors["scalar"])
         with pytest.raises(CheckpointError, match="0-d"):
             ckpt.read("scalar", 0, 1)
+        stacked = tensors["model.layers.1.w"]  # [9, 2, 16]: rows of one member
+        for index in (0, 4, 8):
+            for start, stop in [(0, 1), (1, 2), (None, None), (0, 2)]:
+                got = ckpt.read("model.layers.1.w", start, stop, within=index)
+                assert torch.equal(got, stacked[index, start:stop])
+        with pytest.raises(CheckpointError, match=r"\[9, 2, 16\] has no row 9 to slice within"):
+            ckpt.read("model.layers.1.w", 0, 1, within=9)
         with pytest.raises(CheckpointError, match='"nope"'):
             ckpt.read("nope")
 
