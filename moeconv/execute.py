@@ -80,7 +80,12 @@ def _chunk_bytes(tensor: PlannedTensor, rows: tuple[int, int] | None) -> int:
 def _compute_threads() -> int:
     """Threads computing chunks: one per core this process may use, at most 4 (each holds a few
     chunks of memory)."""
-    return int(os.environ.get("MOECONV_THREADS", 0)) or max(1, min(len(os.sched_getaffinity(0)), 4))
+    given = os.environ.get("MOECONV_THREADS", "")
+    if given:
+        if not (given.isascii() and given.isdigit() and int(given) > 0):
+            raise MoeconvError(f"MOECONV_THREADS={given!r}: must be a positive whole number of threads")
+        return int(given)
+    return max(1, min(len(os.sched_getaffinity(0)), 4))
 
 
 class _ComputePool:
@@ -341,6 +346,7 @@ def execute(
     if low_disk and plan.source.evict is None:
         raise WriteError(f"{plan.source.origin}: --low-disk deletes input shards, so it only works on hub repo ids, never on local files")
     new_hasher(checksum)  # an unknown algorithm fails before anything is touched
+    threads = _compute_threads()
     fingerprint = plan_fingerprint(plan, checksum)
     kept = prepare_output(out_dir, plan.source.root, overwrite, resume=resume, fingerprint=fingerprint, checksum=checksum)
     release, peak_input = input_schedule(plan) if low_disk else ({}, 0)
@@ -352,7 +358,7 @@ def execute(
     finished = dict(kept)
     _write_journal(out_dir, fingerprint, checksum, finished)
     position = 0
-    compute = _ComputePool(_compute_threads(), AHEAD_CHUNKS * chunk_bytes)
+    compute = _ComputePool(threads, AHEAD_CHUNKS * chunk_bytes)
     try:
         with buffers.recycling(RECYCLE_CHUNKS * chunk_bytes):
             for layout in plan.shards:

@@ -95,3 +95,11 @@ def test_convert_writes_the_same_report_as_the_dry_run_shows(gpt_oss_mxfp4_dir, 
     for field in ("checked", "ok", "consumer", "missing", "unexpected", "mismatched", "conversion_errors"):
         assert written[field] == planned[field], field
     assert written["checked"] and written["ok"]
+
+
+def test_a_bad_thread_count_is_a_one_line_error(gpt_oss_mxfp4_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOECONV_THREADS", "two")
+    result = CliRunner().invoke(app, ["convert", str(gpt_oss_mxfp4_dir), str(tmp_path / "out"), "-p", "gpt-oss-bf16"])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "error: MOECONV_THREADS='two': must be a positive whole number of threads"
+    assert not (tmp_path / "out").exists()
