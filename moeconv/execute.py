@@ -10,12 +10,14 @@ cost more than the kernels.
 
 import hashlib
 import json
+import math
 import os
 import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import NamedTuple
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,24 +39,56 @@ _DONE = object()
 Progress = Callable[[str, int], None]  # (shard name, bytes just written)
 
 
+class Chunk(NamedTuple):
+    """Rows start:stop of axis 0; with `inner` = (a, b), rows a:b of axis 1 of the single row
+    `start` (stop = start + 1): part of a row too big for one chunk (a 235 MB Mixtral expert)."""
+
+    start: int
+    stop: int
+    inner: tuple[int, int] | None = None
+
+    def shape(self, full: tuple[int, ...]) -> tuple[int, ...]:
+        if self.inner is None:
+            return (self.stop - self.start, *full[1:])
+        return (1, self.inner[1] - self.inner[0], *full[2:])
+
+    def byte_offset(self, full: tuple[int, ...], nbytes: int) -> int:
+        """Where this chunk starts inside the tensor's bytes."""
+        row_bytes = nbytes // full[0]
+        inner = self.inner[0] * (row_bytes // full[1]) if self.inner else 0
+        return self.start * row_bytes + inner
+
+
 def _chunks(tensor: PlannedTensor, budget: int):
-    """(start, stop) row ranges covering the tensor, or one None for a 0-d tensor."""
+    """Chunks covering the tensor in byte order, or one None for a 0-d tensor."""
     node = tensor.node
     if not node.shape:
         yield None
         return
+    row_bytes = node.nbytes // max(node.shape[0], 1)
+    if node.splits_rows and len(node.shape) >= 2 and node.shape[1] > 1 and row_bytes > budget:
+        step = max(1, budget // max(row_bytes // node.shape[1], 1))
+        for row in range(node.shape[0]):
+            for a in range(0, node.shape[1], step):
+                yield Chunk(row, row + 1, (a, min(a + step, node.shape[1])))
+        return
     step = chunk_rows(node, budget)
     for start in range(0, node.shape[0], step):
-        yield start, min(start + step, node.shape[0])
+        yield Chunk(start, min(start + step, node.shape[0]))
 
 
-def _produce(tensor: PlannedTensor, rows: tuple[int, int] | None):
+def _produce(tensor: PlannedTensor, rows: Chunk | None):
     node = tensor.node
     try:
-        chunk = node.whole() if rows is None else node.rows(*rows)
+        if rows is None:
+            chunk = node.whole()
+        elif rows.inner is None:
+            chunk = node.rows(rows.start, rows.stop)
+        else:
+            chunk = node.rows_within(rows.start, *rows.inner).unsqueeze(0)
     except OpError as error:  # data-dependent problems (fp16 overflow) only show up here
         raise OpError(f"'{tensor.key}' (rule '{'/'.join(tensor.rules)}'): {error}") from None
-    expected = node.shape if rows is None else (rows[1] - rows[0], *node.shape[1:])
+    expected = node.shape if rows is None else rows.shape(node.shape)
     if tuple(chunk.shape) != tuple(expected) or chunk.dtype != node.dtype:
         raise InternalError(
             f"rule '{'/'.join(tensor.rules) or 'pass-through'}' produced {chunk.dtype} {list(chunk.shape)} for "
@@ -72,9 +106,9 @@ def _jobs(plan: Plan, layout, chunk_bytes: int):
             yield tensor, rows, i == len(ranges) - 1
 
 
-def _chunk_bytes(tensor: PlannedTensor, rows: tuple[int, int] | None) -> int:
+def _chunk_bytes(tensor: PlannedTensor, rows: Chunk | None) -> int:
     node = tensor.node
-    return node.nbytes if rows is None else node.nbytes // node.shape[0] * (rows[1] - rows[0])
+    return node.nbytes if rows is None else math.prod(rows.shape(node.shape)) * node.dtype.itemsize
 
 
 def _compute_threads() -> int:

@@ -22,6 +22,7 @@ class Node:
     dtype: torch.dtype
     shape: tuple[int, ...]
     materializes: bool = False  # computed whole before slicing (memory grows with this tensor)
+    splits_rows: bool = False  # rows_within reads only what it returns (a huge row can be chunked)
 
     @property
     def nbytes(self) -> int:
@@ -30,6 +31,10 @@ class Node:
     def rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows start:stop of axis 0 (only for tensors with at least one dimension)."""
         raise NotImplementedError
+
+    def rows_within(self, index: int, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop of the second axis of row `index` (for rows too big for one chunk)."""
+        return self.rows(index, index + 1)[0, start:stop]
 
     def whole(self) -> torch.Tensor:
         return self.rows(0, self.shape[0]) if self.shape else self._scalar()
@@ -43,6 +48,8 @@ class Node:
 
 class SourceNode(Node):
     """A tensor of the source checkpoint, read zero-copy by row blocks."""
+
+    splits_rows = True
 
     def __init__(self, checkpoint, key: str, dtype: torch.dtype, shape: tuple[int, ...]):
         self.checkpoint, self.key, self.dtype, self.shape = checkpoint, key, dtype, shape
@@ -70,6 +77,8 @@ class OpNode(Node):
         self._leading = ops.get_op(op).touches_leading_axis(params, in_ndim)
         self._router = self._leading and self._route_rows()
         self.materializes = self._leading and self._router is None and in_ndim > 0
+        # A stacked expert is rows of its member: a slice of it is a slice of the member.
+        self.splits_rows = self._router is not None and op == "stack" and not any(m.materializes for m in inputs)
         self._cache: torch.Tensor | None = None
         self._lock = threading.Lock()
 
@@ -90,6 +99,11 @@ class OpNode(Node):
         if self.op == "concat":
             return self._concat_rows
         return None
+
+    def rows_within(self, index: int, start: int, stop: int) -> torch.Tensor:
+        if self.splits_rows:
+            return self.inputs[index].rows(start, stop)  # [stop-start, *member.shape[1:]]
+        return super().rows_within(index, start, stop)
 
     def _stack_rows(self, start: int, stop: int) -> torch.Tensor:
         members = [m.whole() for m in self.inputs[start:stop]]

@@ -25,7 +25,7 @@ import torch
 
 from moeconv.checksum import ALGORITHMS, file_checksum
 from moeconv.errors import CheckpointError, VerifyError
-from moeconv.execute import CHUNK_BYTES, REPORT_NAME, _chunks, _produce
+from moeconv.execute import CHUNK_BYTES, REPORT_NAME, Chunk, _chunks, _produce
 from moeconv.source import read_header
 
 
@@ -216,24 +216,25 @@ def _check_values(out: Path, plan, result: VerifyResult, skip: set[str], sample:
             if not tensor.shape:
                 ranges = [None]
             elif sample is not None:
-                ranges = [(r, r + 1) for r in sample_rows(tensor.shape[0], sample)]
+                ranges = [Chunk(r, r + 1) for r in sample_rows(tensor.shape[0], sample)]
             else:
                 ranges = list(_chunks(tensor, chunk_bytes))
             row_bytes = tensor.nbytes // tensor.shape[0] if tensor.shape and tensor.shape[0] else 0
             for rows in ranges:
                 expected = _as_bytes(_produce(tensor, rows))
-                start = tensor.offset + (rows[0] * row_bytes if rows else 0)
+                start = tensor.offset + (rows.byte_offset(tensor.shape, tensor.nbytes) if rows else 0)
                 actual = os.pread(fd, len(expected), start)
                 if actual != expected:
                     at = next((i for i, (a, b) in enumerate(zip(actual, expected)) if a != b), min(len(actual), len(expected)))
-                    row = (rows[0] + at // row_bytes) if rows and row_bytes else 0
+                    row = (start - tensor.offset + at) // row_bytes if row_bytes else 0
                     result.problems.append(
                         f"{out / tensor.shard}: tensor '{key}' differs from what the source and recipes give"
                         f" (row {row} of axis 0, file byte {start + at})"
                     )
                     tensor.node.release()
                     return
-                result.rows += (rows[1] - rows[0]) if rows else 1
+                if rows is None or rows.inner is None or rows.inner[1] == tensor.shape[1]:  # a row is done
+                    result.rows += (rows.stop - rows.start) if rows else 1
             tensor.node.release()
             result.compared += 1
     finally:

@@ -192,3 +192,37 @@ def test_sample_rows_is_deterministic_and_covers_the_ends():
     assert sample_rows(128, 4) == [0, 42, 85, 127]
     assert sample_rows(3, 8) == [0, 1, 2]
     assert sample_rows(5, 1) == [0]
+
+
+def test_experts_bigger_than_a_chunk_are_written_and_verified_in_parts(out, sharded_mixtral_dir, tmp_path):
+    """With a chunk smaller than one fused expert, each expert is produced as slices of its rows
+    (never whole); the bytes equal the one-chunk-per-expert output, and verify in such slices still
+    names the expert (axis-0 row) of a flipped byte."""
+    from moeconv.execute import _chunks, execute
+    from moeconv.plan import build_plan
+    from moeconv.recipe import load_preset
+    from moeconv.source import Checkpoint
+
+    plan = build_plan(Checkpoint.open(sharded_mixtral_dir), [load_preset("fuse-experts")], max_shard_size=20_000)
+    gate_up = next(t for t in plan.tensors.values() if t.key.endswith("layers.0.mlp.experts.gate_up_proj"))
+    expert_bytes = gate_up.nbytes // gate_up.shape[0]
+    budget = expert_bytes // 3
+    chunks = list(_chunks(gate_up, budget))
+    assert all(c.inner is not None and c.stop == c.start + 1 for c in chunks)
+    assert [c.start for c in chunks] == sorted(c.start for c in chunks) and len(chunks) > gate_up.shape[0]
+    assert max(gate_up.nbytes // gate_up.shape[0] // gate_up.shape[1] * (c.inner[1] - c.inner[0]) for c in chunks) <= budget
+
+    execute(plan, tmp_path / "parts", chunk_bytes=budget)
+    for path in sorted(out.glob("*.safetensors")):
+        assert (tmp_path / "parts" / path.name).read_bytes() == path.read_bytes(), path.name
+
+    whole = verify(out, against=str(sharded_mixtral_dir), chunk_bytes=budget)
+    assert whole.ok and whole.rows == sum(t.shape[0] for t in plan.tensors.values() if t.shape)
+    report = json.loads((out / REPORT_NAME).read_text())
+    entry = next(t for t in report["tensors"] if t["key"] == gate_up.key)
+    path = out / entry["shard"]
+    raw = bytearray(path.read_bytes())
+    raw[entry["offset"] + 2 * expert_bytes + expert_bytes // 2 + 1] ^= 0x01  # expert 2, second half
+    path.write_bytes(bytes(raw))
+    result = verify(out, against=str(sharded_mixtral_dir), chunk_bytes=budget)
+    assert any(f"'{gate_up.key}' differs" in p and "row 2 of axis 0" in p for p in result.problems), result.problems
