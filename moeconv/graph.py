@@ -78,7 +78,7 @@ class OpNode(Node):
         self._router = self._leading and self._route_rows()
         self.materializes = self._leading and self._router is None and in_ndim > 0
         # A stacked expert is rows of its member: a slice of it is a slice of the member.
-        self.splits_rows = self._router is not None and op == "stack" and not any(m.materializes for m in inputs)
+        self.splits_rows = op == "stack" and callable(self._router) and not any(m.materializes for m in inputs)
         self._cache: torch.Tensor | None = None
         self._lock = threading.Lock()
 

@@ -13,7 +13,7 @@ from moeconv import buffers
 from moeconv.cli import app
 from moeconv.execute import execute
 from moeconv.plan import build_plan
-from moeconv.recipe import load_preset
+from moeconv.recipe import load_preset, parse_recipe
 from moeconv.source import Checkpoint
 
 MiB = 2**20
@@ -103,3 +103,28 @@ def test_a_bad_thread_count_is_a_one_line_error(gpt_oss_mxfp4_dir, tmp_path, mon
     assert result.exit_code == 1
     assert result.stderr.strip() == "error: MOECONV_THREADS='two': must be a positive whole number of threads"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dim", [0, 1, 2])
+def test_stacking_along_any_dim_is_exact_in_any_chunking(tmp_path, dim):
+    """Only a stack along dim 0 may be produced as slices of one expert; along dim 1 or 2 the rows
+    interleave the members, and tiny chunks must still give torch.stack's bytes."""
+    generator = torch.Generator().manual_seed(dim)
+    experts = {f"model.layers.0.experts.{e}.w1.weight": torch.randn(6, 5, generator=generator) for e in range(3)}
+    (tmp_path / "src").mkdir()
+    save_file(experts, tmp_path / "src" / "model.safetensors", metadata={"format": "pt"})
+    recipe = parse_recipe(
+        f"""
+[[rule]]
+match = '(?P<layer>.+)\\.experts\\.(?P<expert>\\d+)\\.w1\\.weight'
+group = "expert"
+ops = [{{ op = "stack", dim = {dim} }}]
+target = "{{layer}}.w1_stacked"
+""",
+        "stack.toml",
+    )
+    plan = build_plan(Checkpoint.open(tmp_path / "src"), [recipe])
+    assert plan.tensors["model.layers.0.w1_stacked"].node.splits_rows == (dim == 0)
+    execute(plan, tmp_path / "out", chunk_bytes=8)
+    got = load_file(tmp_path / "out" / "model.safetensors")["model.layers.0.w1_stacked"]
+    assert torch.equal(got, torch.stack([experts[f"model.layers.0.experts.{e}.w1.weight"] for e in range(3)], dim=dim))
