@@ -358,7 +358,7 @@ def execute(
     out_dir: str | Path,
     *,
     overwrite: bool = False,
-    chunk_bytes: int = CHUNK_BYTES,
+    chunk_bytes: int | None = None,
     progress: Progress | None = None,
     low_disk: bool = False,
     resume: bool = False,
@@ -374,6 +374,8 @@ def execute(
     lists and whose bytes still hash right are kept, the rest is redone; the result is byte-identical.
     `checksum`: the algorithm (moeconv.checksum.ALGORITHMS) of the report's `checksums` and the
     journal; a journal written with another one is refused for resume.
+    `chunk_bytes`: about how much of a tensor is computed at once (default CHUNK_BYTES, or
+    MOECONV_CHUNK_BYTES); memory in flight is a small multiple of it.
     Returns the report that was written to `out_dir/moeconv-report.json`.
     """
     out_dir = Path(out_dir)
@@ -384,7 +386,7 @@ def execute(
     fingerprint = plan_fingerprint(plan, checksum)
     kept = prepare_output(out_dir, plan.source.root, overwrite, resume=resume, fingerprint=fingerprint, checksum=checksum)
     release, peak_input = input_schedule(plan) if low_disk else ({}, 0)
-    chunk_bytes = int(os.environ.get("MOECONV_CHUNK_BYTES", chunk_bytes))  # test hooks: small chunks,
+    chunk_bytes = chunk_bytes or int(os.environ.get("MOECONV_CHUNK_BYTES", CHUNK_BYTES))  # test hooks: small chunks,
     delay = float(os.environ.get("MOECONV_CHUNK_DELAY", 0))  # and a pause after each (interrupt tests)
     # Finished shards wait under hidden staged names, recorded in the journal, until every shard is
     # done; only then do they all get their final names (then index, config, report). So a failed
