@@ -17,9 +17,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import NamedTuple
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 from moeconv import buffers
 from moeconv.checksum import DEFAULT as DEFAULT_CHECKSUM

@@ -89,10 +89,7 @@ class OpNode(Node):
         if self.op == "stack":
             return self._stack_rows
         if self.op == "unstack":
-            stacked = self.inputs[0]
-            if isinstance(stacked, SourceNode):  # read just the rows asked for, not the whole member
-                return lambda a, b: stacked.rows_within(self.index, a, b)
-            return lambda a, b: stacked.rows(self.index, self.index + 1)[0, a:b]
+            return lambda a, b: self.inputs[0].rows_within(self.index, a, b)
         if self.op == "split":
             part = self.shape[0]
             return lambda a, b: self.inputs[0].rows(self.index * part + a, self.index * part + b)
@@ -150,7 +147,8 @@ def infer_outputs(op: str, params: dict, inputs: list[Node]) -> list[tuple[torch
 
 def chunk_rows(node: Node, budget: int) -> int:
     """How many rows of axis 0 to produce at once so a chunk stays near `budget` bytes."""
-    whole_member = isinstance(node, OpNode) and node.op == "unstack" and not isinstance(node.inputs[0], SourceNode)
+    # an unstacked member whose stacked input cannot produce part of a row is produced whole
+    whole_member = isinstance(node, OpNode) and node.op == "unstack" and not node.inputs[0].splits_rows
     if not node.shape or node.materializes or whole_member:
         return max(node.shape[0], 1) if node.shape else 1
     row_bytes = max(node.nbytes // max(node.shape[0], 1), 1)

@@ -415,10 +415,10 @@ class Checkpoint:
         rows start:stop of the second axis of row `within` (a slice of one expert of a stacked
         tensor, also one contiguous byte range).
 
-        Rows of axis 0 are one contiguous byte range: it is pread into a fresh (or recycled, see buffers.py) tensor. Not through the
-        mmap: every mapped page a conversion touches stays in the process's resident set until the
-        file is closed, so peak RSS would grow with the input (1.6 GB for one gpt-oss-120b layer);
-        pread leaves those pages in the page cache only.
+        The rows are one contiguous byte range: it is pread into a fresh (or recycled, see
+        buffers.py) tensor. Not through the mmap: every mapped page a conversion touches stays in
+        the process's resident set until the file is closed, so peak RSS would grow with the input
+        (1.6 GB for one gpt-oss-120b layer); pread leaves those pages in the page cache only.
         """
         info = self.tensors.get(key)
         if info is None:
