@@ -10,6 +10,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable
+from concurrent import futures
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -172,7 +173,9 @@ def convert_command(
     if not recipes:
         raise typer.BadParameter("give at least one --preset or --recipe (see `moeconv presets`)")
     source = open_source(src, revision=revision, token=token, low_disk=low_disk)
-    plan = build_plan(source, recipes, dtype=run_dtype, align=align, max_shard_size=shard_bytes, strict=strict)
+    # A conversion does not need the load report until it writes it: it is computed meanwhile.
+    background = not (dry_run or strict)
+    plan = build_plan(source, recipes, dtype=run_dtype, align=align, max_shard_size=shard_bytes, strict=strict, report_in_background=background)
     refused = strict and plan.report.checked and not plan.report.ok()
     if dry_run or refused:
         if json_output:
@@ -183,9 +186,16 @@ def convert_command(
             stderr.print("error: the load report is not clean (--strict); nothing was written", highlight=False)
             raise typer.Exit(3)
         return
-    fetch_inputs(plan, low_disk=low_disk)  # hub repo ids: download what the plan reads (no-op for local paths)
-    with progress_bar(stderr, plan, enabled=stderr.is_terminal and not json_output) as progress:
-        report = execute(plan, out, overwrite=overwrite, progress=progress, low_disk=low_disk, resume=resume, checksum=checksum.value)
+    try:
+        fetch_inputs(plan, low_disk=low_disk)  # hub repo ids: download what the plan reads (no-op for local paths)
+        with progress_bar(stderr, plan, enabled=stderr.is_terminal and not json_output) as progress:
+            report = execute(plan, out, overwrite=overwrite, progress=progress, low_disk=low_disk, resume=resume, checksum=checksum.value)
+    except Exception:
+        # transformers briefly sets torch's default dtype while it builds the report's model: let it
+        # finish before this process (a library caller, a test) goes on after the error
+        if isinstance(plan.load_report, futures.Future):
+            futures.wait([plan.load_report])
+        raise
     if json_output:
         stdout.print_json(data=report)
     else:

@@ -200,10 +200,9 @@ def plan_fingerprint(plan: Plan, checksum: str = DEFAULT_CHECKSUM) -> str:
     """What a journal must match for --resume: every output tensor and shard layout, the recipes'
     TOML, the options (with the checksum algorithm), and the source's header layout (its data is
     not re-read)."""
-    data = plan.to_json()
     basis = {
-        "tensors": data["tensors"],
-        "shards": data["shards"],
+        "tensors": plan.tensors_json(),
+        "shards": plan.shards_json(),
         "recipes": [r.text for r in plan.recipes],
         "options": {**{k: v for k, v in plan.rebuild().items() if k != "recipes"}, "checksum": checksum},
         "source": [[k, i.dtype, list(i.shape), i.file.name, i.begin, i.end] for k, i in plan.source.tensors.items()],

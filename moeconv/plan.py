@@ -5,6 +5,7 @@ recipe can transpose what a preset fused. Nothing here reads tensor data: ops ru
 device to learn shapes, so a dry run is exact and errors surface before any I/O.
 """
 
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -14,7 +15,7 @@ from moeconv.errors import MoeconvError, PlanError
 from moeconv.graph import Node, OpNode, SourceNode, infer_outputs
 from moeconv.keys import is_number, natural_key
 from moeconv.recipe import OpStep, Recipe, Rule
-from moeconv.report import LoadReport, check_load
+from moeconv.report import LoadReport, check_load, check_load_in_background
 from moeconv.source import Checkpoint
 from moeconv.writer import ShardLayout, TensorSpec, plan_shards
 
@@ -84,7 +85,7 @@ class Plan:
     shards: list[ShardLayout]
     config: dict | None  # the output config.json
     companion_files: list[str]  # small files copied next to the shards (names relative to the source root)
-    report: LoadReport
+    load_report: LoadReport | Future[LoadReport]  # a Future while it is computed in the background
     warnings: list[str]
     align: int
     max_shard_size: int = 5 * 10**9
@@ -100,6 +101,13 @@ class Plan:
         }
 
     @property
+    def report(self) -> LoadReport:
+        """The load report (waits for it if it is still being computed in the background)."""
+        if isinstance(self.load_report, Future):
+            self.load_report = self.load_report.result()
+        return self.load_report
+
+    @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
@@ -111,10 +119,16 @@ class Plan:
             **self.report.to_json(),
             "warnings": self.warnings,
             "total_bytes": self.total_bytes,
-            "shards": [{"name": s.name, "size": s.size, "tensors": len(s.order), "misaligned": s.misaligned} for s in self.shards],
+            "shards": self.shards_json(),
             "files": self.companion_files,
-            "tensors": [t.to_json() for t in self.tensors.values()],
+            "tensors": self.tensors_json(),
         }
+
+    def shards_json(self) -> list[dict]:
+        return [{"name": s.name, "size": s.size, "tensors": len(s.order), "misaligned": s.misaligned} for s in self.shards]
+
+    def tensors_json(self) -> list[dict]:
+        return [t.to_json() for t in self.tensors.values()]
 
 
 class _Planner:
@@ -352,11 +366,14 @@ def build_plan(
     align: int = 16,
     max_shard_size: int = 5 * 10**9,
     strict: bool = False,
+    report_in_background: bool = False,
 ) -> Plan:
     """Plan a conversion of `source` with `recipes` applied in order. Reads headers only.
 
     `dtype` (--dtype) makes every floating output that dtype; `strict` turns rules that match
     nothing into errors. Raises PlanError at the first problem, naming the rule and key.
+    `report_in_background`: the load report is computed on a thread while the caller goes on
+    (`plan.report` waits for it); for a conversion that does not need it before writing.
     """
     planner = _Planner(source, dtype)
     for recipe in recipes:
@@ -389,7 +406,7 @@ def build_plan(
         shards=shards,
         config=config,
         companion_files=companions.companion_files(source.root, source.listing),
-        report=check_load(planned, config),
+        load_report=(check_load_in_background if report_in_background else check_load)(planned, config),
         warnings=planner.warnings,
         align=align,
         max_shard_size=max_shard_size,

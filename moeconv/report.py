@@ -42,7 +42,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -278,6 +281,31 @@ def check_load(planned: Planned, config: dict | None) -> LoadReport:
     except Exception as error:  # transformers' loader raised outside its own per-key error capture
         reason = f"transformers' loader failed on the planned keys: {type(error).__name__}: {error}"
         return LoadReport(False, reason, consumer)
+
+
+def check_load_in_background(planned: Planned, config: dict | None) -> Future[LoadReport]:
+    """`check_load` on a daemon thread. A conversion's data path does not need the report until it
+    writes it, so transformers' import (~3 s of CPU) overlaps the conversion instead of preceding it.
+    Meanwhile the GIL switch interval is 0.5 ms rather than 5: the import holds the GIL nearly all
+    the time, and the conversion's threads need it only briefly between torch kernels; at 5 ms per
+    turn they stall. (What transformers changes while it builds the model on meta is safe to
+    overlap: the meta device context is per thread, and every tensor moeconv makes has its dtype.)"""
+    future: Future[LoadReport] = Future()
+
+    def run() -> None:
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(interval, 0.0005))
+        try:
+            report = check_load(planned, config)
+        except BaseException as error:  # re-raised where the report is read
+            sys.setswitchinterval(interval)
+            future.set_exception(error)
+        else:
+            sys.setswitchinterval(interval)  # before the result: whoever waits sees it restored
+            future.set_result(report)
+
+    threading.Thread(target=run, name="moeconv-load-report", daemon=True).start()
+    return future
 
 
 def _simulate_load(model, consumer: str, planned: Planned) -> LoadReport:

@@ -3,6 +3,11 @@ several compute threads give the same bytes, errors and report."""
 
 import json
 import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import Future
 
 import pytest
 import torch
@@ -11,7 +16,7 @@ from typer.testing import CliRunner
 
 from moeconv import buffers
 from moeconv.cli import app
-from moeconv.execute import execute
+from moeconv.execute import REPORT_NAME, execute
 from moeconv.plan import build_plan
 from moeconv.recipe import load_preset, parse_recipe
 from moeconv.source import Checkpoint
@@ -94,6 +99,37 @@ def test_convert_writes_the_same_report_as_the_dry_run_shows(gpt_oss_mxfp4_dir, 
     for field in ("checked", "ok", "consumer", "missing", "unexpected", "mismatched", "conversion_errors"):
         assert written[field] == planned[field], field
     assert written["checked"] and written["ok"]
+
+
+def test_the_data_path_does_not_wait_for_the_load_report(gpt_oss_mxfp4_dir, tmp_path):
+    """Every shard is written while the report is still pending; the report file comes once it is ready."""
+    plan = build_plan(Checkpoint.open(gpt_oss_mxfp4_dir), [load_preset("gpt-oss-bf16")])
+    ready, plan.load_report = plan.load_report, Future()
+    out = tmp_path / "out"
+    worker = threading.Thread(target=execute, args=(plan, out), daemon=True)
+    worker.start()
+    shards = [out / layout.name for layout in plan.shards]
+    deadline = time.monotonic() + 120
+    while not all(path.exists() for path in shards) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(path.exists() for path in shards) and worker.is_alive()
+    assert not (out / REPORT_NAME).exists()
+    plan.load_report.set_result(ready)
+    worker.join(timeout=120)
+    assert json.loads((out / REPORT_NAME).read_text())["consumer"] == ready.consumer
+
+
+def test_a_real_process_prints_all_its_json_and_exits_0(gpt_oss_mxfp4_dir, tmp_path):
+    """`main()` ends the process with os._exit: stdout must still be complete on a pipe, and the
+    background report must be in the output."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "moeconv", "convert", str(gpt_oss_mxfp4_dir), str(tmp_path / "out"), "-p", "gpt-oss-bf16", "--json"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    printed = json.loads(proc.stdout)
+    assert printed["checked"] and printed["ok"] and printed["consumer"].startswith("transformers ")
+    assert printed == json.loads((tmp_path / "out" / REPORT_NAME).read_text())
 
 
 def test_a_bad_thread_count_is_a_one_line_error(gpt_oss_mxfp4_dir, tmp_path, monkeypatch):

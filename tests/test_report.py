@@ -19,6 +19,7 @@ from moeconv.report import (  # noqa: E402
     LoadReport,
     Mismatch,
     check_load,
+    check_load_in_background,
     expected_tensors,
     render_report,
 )
@@ -286,6 +287,30 @@ def test_unknown_model_type_is_not_checked():
 def test_no_config_is_not_checked():
     report = check_load({}, None)
     assert not report.checked and report.reason
+
+
+# --- in the background (a conversion overlaps it with its data path) -----------------------------
+
+
+def test_the_background_report_is_the_synchronous_one_and_restores_the_switch_interval():
+    config = gpt_oss(quantized=True)
+    planned = meta_planned(config)  # bf16 experts under an mxfp4 config: a report with findings
+    interval = sys.getswitchinterval()
+    report = check_load_in_background(planned, config).result(timeout=300)
+    assert report == check_load(planned, config) and report.unexpected
+    assert sys.getswitchinterval() == interval
+
+
+def test_an_error_in_the_background_report_is_raised_where_it_is_read(monkeypatch):
+    import moeconv.report
+
+    def fail(planned, config):
+        raise RuntimeError("the loader broke")
+
+    monkeypatch.setattr(moeconv.report, "check_load", fail)
+    future = check_load_in_background({}, None)
+    with pytest.raises(RuntimeError, match="the loader broke"):
+        future.result(timeout=60)
 
 
 # --- rendering and json ---------------------------------------------------------------------------
