@@ -12,7 +12,6 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from concurrent import futures
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -168,6 +167,7 @@ def convert_command(
     from moeconv.hub import fetch_inputs, open_source
     from moeconv.plan import build_plan
     from moeconv.render import progress_bar, render_plan
+    from moeconv.report import BackgroundReport
 
     shard_bytes = parse_size(max_shard_size)
     run_dtype = parse_user_dtype(dtype) if dtype else None
@@ -192,11 +192,9 @@ def convert_command(
         fetch_inputs(plan, low_disk=low_disk)  # hub repo ids: download what the plan reads (no-op for local paths)
         with progress_bar(stderr, plan, enabled=stderr.is_terminal and not json_output) as progress:
             report = execute(plan, out, overwrite=overwrite, progress=progress, low_disk=low_disk, resume=resume, checksum=checksum.value)
-    except Exception:
-        # transformers briefly sets torch's default dtype while it builds the report's model: let it
-        # finish before this process (a library caller, a test) goes on after the error
-        if isinstance(plan.load_report, futures.Future):
-            futures.wait([plan.load_report])
+    except BaseException:
+        if isinstance(plan.load_report, BackgroundReport):
+            plan.load_report.cancel()
         raise
     if json_output:
         stdout.print_json(data=report)

@@ -5,7 +5,6 @@ recipe can transpose what a preset fused. Nothing here reads tensor data: ops ru
 device to learn shapes, so a dry run is exact and errors surface before any I/O.
 """
 
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -15,7 +14,7 @@ from moeconv.errors import MoeconvError, PlanError
 from moeconv.graph import Node, OpNode, SourceNode, infer_outputs
 from moeconv.keys import is_number, natural_key
 from moeconv.recipe import OpStep, Recipe, Rule
-from moeconv.report import LoadReport, check_load, check_load_in_background
+from moeconv.report import BackgroundReport, LoadReport, check_load
 from moeconv.source import Checkpoint
 from moeconv.writer import ShardLayout, TensorSpec, plan_shards
 
@@ -85,7 +84,7 @@ class Plan:
     shards: list[ShardLayout]
     config: dict | None  # the output config.json
     companion_files: list[str]  # small files copied next to the shards (names relative to the source root)
-    load_report: LoadReport | Future[LoadReport]  # a Future while it is computed in the background
+    load_report: LoadReport | BackgroundReport  # BackgroundReport: still being computed
     warnings: list[str]
     align: int
     max_shard_size: int = 5 * 10**9
@@ -103,7 +102,7 @@ class Plan:
     @property
     def report(self) -> LoadReport:
         """The load report (waits for it if it is still being computed in the background)."""
-        if isinstance(self.load_report, Future):
+        if not isinstance(self.load_report, LoadReport):
             self.load_report = self.load_report.result()
         return self.load_report
 
@@ -372,8 +371,8 @@ def build_plan(
 
     `dtype` (--dtype) makes every floating output that dtype; `strict` turns rules that match
     nothing into errors. Raises PlanError at the first problem, naming the rule and key.
-    `report_in_background`: the load report is computed on a thread while the caller goes on
-    (`plan.report` waits for it); for a conversion that does not need it before writing.
+    `report_in_background`: the load report is computed in a child process while the caller goes
+    on (`plan.report` waits for it; see BackgroundReport); for a conversion that writes it last.
     """
     planner = _Planner(source, dtype)
     for recipe in recipes:
@@ -406,7 +405,7 @@ def build_plan(
         shards=shards,
         config=config,
         companion_files=companions.companion_files(source.root, source.listing),
-        load_report=(check_load_in_background if report_in_background else check_load)(planned, config),
+        load_report=(BackgroundReport if report_in_background else check_load)(planned, config),
         warnings=planner.warnings,
         align=align,
         max_shard_size=max_shard_size,

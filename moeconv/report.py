@@ -42,10 +42,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import multiprocessing
+import signal
 import sys
-import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -283,29 +283,66 @@ def check_load(planned: Planned, config: dict | None) -> LoadReport:
         return LoadReport(False, reason, consumer)
 
 
-def check_load_in_background(planned: Planned, config: dict | None) -> Future[LoadReport]:
-    """`check_load` on a daemon thread. A conversion's data path does not need the report until it
-    writes it, so transformers' import (~3 s of CPU) overlaps the conversion instead of preceding it.
-    Meanwhile the GIL switch interval is 0.5 ms rather than 5: the import holds the GIL nearly all
-    the time, and the conversion's threads need it only briefly between torch kernels; at 5 ms per
-    turn they stall. (What transformers changes while it builds the model on meta is safe to
-    overlap: the meta device context is per thread, and every tensor moeconv makes has its dtype.)"""
-    future: Future[LoadReport] = Future()
+class BackgroundReport:
+    """`check_load` computed beside a conversion, in a forked child process; `result()` waits for it.
 
-    def run() -> None:
-        interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(interval, 0.0005))
-        try:
-            report = check_load(planned, config)
-        except BaseException as error:  # re-raised where the report is read
-            sys.setswitchinterval(interval)
-            future.set_exception(error)
-        else:
-            sys.setswitchinterval(interval)  # before the result: whoever waits sees it restored
-            future.set_result(report)
+    A conversion needs the report only when it writes it, and importing transformers is ~3 s of
+    pure-Python CPU. On a thread it held the GIL that the conversion's threads need between torch
+    kernels: the import ran 3x slower and the conversion stalled. A child forked after torch is
+    imported has its own interpreter and needs only transformers. Without fork (not Linux) the
+    report is computed at once, as without this class. Ctrl-C is the parent's to handle: the child
+    ignores it and `cancel()` kills it. A child that dies without an answer (killed, crashed) is
+    replaced by computing the report here."""
 
-    threading.Thread(target=run, name="moeconv-load-report", daemon=True).start()
-    return future
+    def __init__(self, planned: Planned, config: dict | None):
+        self._args = (planned, config)
+        self._report: LoadReport | None = None
+        self._process = None
+        if sys.platform != "linux":  # fork is only safe with torch loaded on Linux
+            self._report = check_load(planned, config)
+            return
+        context = multiprocessing.get_context("fork")
+        self._receiver, sender = context.Pipe(duplex=False)
+        self._process = context.Process(target=_report_child, args=(sender, planned, config), name="moeconv-load-report", daemon=True)
+        self._process.start()
+        sender.close()  # the child holds the only sending end: its death is EOF here
+
+    def result(self) -> LoadReport:
+        """The report (an error raised by check_load in the child is raised here)."""
+        if self._report is None:
+            try:
+                kind, value = self._receiver.recv()
+            except EOFError:
+                kind, value = "report", check_load(*self._args)
+            self._finish()
+            if kind == "error":
+                raise value
+            self._report = value
+        return self._report
+
+    def cancel(self) -> None:
+        """Stop the child (the conversion failed or was interrupted); result() is not called after."""
+        if self._process is not None and self._process.is_alive():
+            self._process.kill()
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._process is not None:
+            self._process.join()
+            self._receiver.close()
+            self._process = None
+
+
+def _report_child(sender, planned: Planned, config: dict | None) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        outcome = ("report", check_load(planned, config))
+    except BaseException as error:  # noqa: BLE001 - handed to the parent, which raises it
+        outcome = ("error", error)
+    try:
+        sender.send(outcome)
+    except Exception as error:  # an exception that does not pickle: its text does
+        sender.send(("error", RuntimeError(f"{type(outcome[1]).__name__}: {outcome[1]} ({error})")))
 
 
 def _simulate_load(model, consumer: str, planned: Planned) -> LoadReport:

@@ -18,8 +18,8 @@ from moeconv.report import (  # noqa: E402
     TRANSFORMERS_MISSING,
     LoadReport,
     Mismatch,
+    BackgroundReport,
     check_load,
-    check_load_in_background,
     expected_tensors,
     render_report,
 )
@@ -292,13 +292,13 @@ def test_no_config_is_not_checked():
 # --- in the background (a conversion overlaps it with its data path) -----------------------------
 
 
-def test_the_background_report_is_the_synchronous_one_and_restores_the_switch_interval():
+def test_the_background_report_is_the_synchronous_one():
     config = gpt_oss(quantized=True)
     planned = meta_planned(config)  # bf16 experts under an mxfp4 config: a report with findings
-    interval = sys.getswitchinterval()
-    report = check_load_in_background(planned, config).result(timeout=300)
+    background = BackgroundReport(planned, config)
+    report = background.result()
     assert report == check_load(planned, config) and report.unexpected
-    assert sys.getswitchinterval() == interval
+    assert background.result() is report  # computed once
 
 
 def test_an_error_in_the_background_report_is_raised_where_it_is_read(monkeypatch):
@@ -307,10 +307,25 @@ def test_an_error_in_the_background_report_is_raised_where_it_is_read(monkeypatc
     def fail(planned, config):
         raise RuntimeError("the loader broke")
 
-    monkeypatch.setattr(moeconv.report, "check_load", fail)
-    future = check_load_in_background({}, None)
+    monkeypatch.setattr(moeconv.report, "check_load", fail)  # before the fork: the child has it too
+    background = BackgroundReport({}, None)
     with pytest.raises(RuntimeError, match="the loader broke"):
-        future.result(timeout=60)
+        background.result()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the report is computed in a child only on Linux")
+def test_a_killed_report_child_is_replaced_and_a_cancelled_one_is_gone():
+    config = mixtral()
+    planned = meta_planned(config)
+    background = BackgroundReport(planned, config)
+    child = background._process
+    child.kill()
+    assert background.result() == check_load(planned, config)  # computed here instead
+    assert not child.is_alive()
+    cancelled = BackgroundReport(planned, config)
+    child = cancelled._process
+    cancelled.cancel()
+    assert not child.is_alive() and child.exitcode is not None
 
 
 # --- rendering and json ---------------------------------------------------------------------------
