@@ -274,10 +274,10 @@ def main() -> None:
     try:
         app()
         code = 0
-    except SystemExit as exit:
-        if exit.code is not None and not isinstance(exit.code, int):
+    except SystemExit as stop:
+        if stop.code is not None and not isinstance(stop.code, int):
             raise  # a message to print: the normal path does that
-        code = exit.code or 0
+        code = stop.code or 0
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -132,6 +132,17 @@ def test_a_real_process_prints_all_its_json_and_exits_0(gpt_oss_mxfp4_dir, tmp_p
     assert printed == json.loads((tmp_path / "out" / REPORT_NAME).read_text())
 
 
+def test_a_failed_conversion_stops_the_report_child(gpt_oss_mxfp4_dir, tmp_path):
+    import multiprocessing
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("not ours")
+    result = CliRunner().invoke(app, ["convert", str(gpt_oss_mxfp4_dir), str(out), "-p", "gpt-oss-bf16"])
+    assert result.exit_code == 1 and "not empty" in result.stderr
+    assert multiprocessing.active_children() == []  # killed and reaped, not left computing
+
+
 def test_a_bad_thread_count_is_a_one_line_error(gpt_oss_mxfp4_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("MOECONV_THREADS", "two")
     result = CliRunner().invoke(app, ["convert", str(gpt_oss_mxfp4_dir), str(tmp_path / "out"), "-p", "gpt-oss-bf16"])
