@@ -308,9 +308,8 @@ def test_an_error_in_the_background_report_is_raised_where_it_is_read(monkeypatc
         raise RuntimeError("the loader broke")
 
     monkeypatch.setattr(moeconv.report, "check_load", fail)  # before the fork: the child has it too
-    background = BackgroundReport({}, None)
     with pytest.raises(RuntimeError, match="the loader broke"):
-        background.result()
+        BackgroundReport({}, None).result()
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the report is computed in a child only on Linux")
