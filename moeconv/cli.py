@@ -19,6 +19,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from moeconv import checksum as checksums
 from moeconv.errors import MoeconvError
 
 app = typer.Typer(
@@ -122,11 +123,8 @@ def parse_size(text: str) -> int:
         raise typer.BadParameter(f"'{text}' is not a size; use e.g. 5GB, 500MB or 2GiB") from None
 
 
-class Checksum(str, Enum):
-    """--checksum choices (moeconv.checksum.ALGORITHMS; kept here so --help needs no import)."""
-
-    xxh3_128 = "xxh3-128"
-    sha256 = "sha256"
+# --checksum choices, straight from moeconv.checksum (hashlib + xxhash: milliseconds to import)
+Checksum = Enum("Checksum", {name: name for name in checksums.ALGORITHMS}, type=str)
 
 
 def load_recipes(presets: list[str], recipes: list[str]) -> list:
@@ -156,7 +154,7 @@ def convert_command(
     token: Annotated[str | None, typer.Option("--token", help="Hub repo ids: access token (default: HF_TOKEN or the stored login).")] = None,
     low_disk: Annotated[bool, typer.Option("--low-disk", help="Hub repo ids: fetch each shard when first needed and delete it from the huggingface_hub cache once converted.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in OUT (same options, --checksum too): keep its finished shards whose checksum still matches, redo the rest.")] = False,
-    checksum: Annotated[Checksum, typer.Option("--checksum", help="Hash of every output file in the report, for `moeconv verify` and --resume: xxh3-128 (fast integrity check against accidental change) or sha256 (slower; comparable to the hub's LFS oid).")] = Checksum.xxh3_128,
+    checksum: Annotated[Checksum, typer.Option("--checksum", help="Hash of every output file in the report, for `moeconv verify` and --resume: xxh3-128 (fast integrity check against accidental change) or sha256 (slower; comparable to the hub's LFS oid).")] = Checksum(checksums.DEFAULT),
 ) -> None:
     """Convert a checkpoint with ordered rules (presets and recipes) and write a load report.
 
