@@ -33,15 +33,24 @@ def _count(buffer: torch.Tensor) -> int:
 
 
 def empty(shape, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised contiguous tensor, in recycled memory when a free buffer of its size exists."""
+    """An uninitialised contiguous tensor, in recycled memory when a free buffer of its size (or
+    up to twice it) exists."""
     nbytes = math.prod(shape) * dtype.itemsize
     if _budget == 0 or nbytes < MIN_BYTES or _use_count is None:
         return torch.empty(shape, dtype=dtype)
     with _lock:
-        for buffer, idle in _buffers:
-            if buffer.numel() == nbytes and _count(buffer) == idle:
-                return buffer.view(dtype).view(shape)
+        idle = [entry for entry in _buffers if _count(entry[0]) == entry[1]]
+        fits = [buffer for buffer, _ in idle if nbytes <= buffer.numel() <= 2 * nbytes]
+        if fits:  # the smallest, so the big ones stay free for big requests
+            return min(fits, key=torch.Tensor.numel)[:nbytes].view(dtype).view(shape)
         kept = sum(buffer.numel() for buffer, _ in _buffers)
+        # Over budget: drop idle buffers nobody asks for to keep one of this size. A fresh buffer
+        # costs the same zeroing either way, but a kept one is reused by the next request.
+        for entry in sorted(idle, key=lambda entry: entry[0].numel()):
+            if kept + nbytes <= _budget:
+                break
+            _buffers.remove(entry)
+            kept -= entry[0].numel()
         if kept + nbytes > _budget:
             return torch.empty(shape, dtype=dtype)
         buffer = torch.empty(nbytes, dtype=torch.uint8)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from moeconv import buffers, dtypes
+from moeconv import buffers, directio, dtypes
 from moeconv.errors import CheckpointError
 from moeconv.keys import natural_key
 
@@ -33,6 +33,7 @@ INDEX_CAP = 100_000_000  # an index larger than this is not an index
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+DIRECT_READ_BYTES = 1 << 20  # reads this big bypass the page cache (see directio); smaller ones use it
 
 
 @dataclass(frozen=True)
@@ -237,6 +238,7 @@ class Checkpoint:
         self.evict = evict
         self._handles: dict[Path, object] = {}
         self._fds: dict[Path, int] = {}  # plain descriptors for pread (see `read`)
+        self._direct_fds: dict[Path, int | None] = {}  # O_DIRECT ones (None: refused) for big reads
         self._lock = threading.Lock()
 
     # -- opening ----------------------------------------------------------------------------------
@@ -396,19 +398,18 @@ class Checkpoint:
                     self._handles[file] = handle
         return handle
 
-    def _fd(self, file: Path) -> int:
-        fd = self._fds.get(file)
-        if fd is None:
+    def _fd(self, file: Path, direct: bool = False) -> int | None:
+        """A descriptor for pread; `direct`: an O_DIRECT one, None where the filesystem refuses it."""
+        fds = self._direct_fds if direct else self._fds
+        if file not in fds:
             self._handle(file)  # fetches a remote shard first; safetensors checks it opens
             with self._lock:
-                fd = self._fds.get(file)
-                if fd is None:
+                if file not in fds:
                     try:
-                        fd = os.open(file, os.O_RDONLY)
+                        fds[file] = directio.open_direct(file) if direct else os.open(file, os.O_RDONLY)
                     except OSError as error:
                         raise CheckpointError(f"{file}: cannot open: {error.strerror or error}") from None
-                    self._fds[file] = fd
-        return fd
+        return fds[file]
 
     def read(self, key: str, start: int | None = None, stop: int | None = None, *, within: int | None = None) -> torch.Tensor:
         """The tensor, or rows start:stop of its first axis (never a whole shard). With `within`:
@@ -436,13 +437,18 @@ class Checkpoint:
             dims, begin = dims[1:], begin + within * span
         first, last, _ = slice(start, stop).indices(dims[0])
         count = max(last - first, 0)
-        out = buffers.empty((count, *dims[1:]), dtypes.to_torch(info.dtype))
-        nbytes = out.numel() * out.element_size()
+        dtype = dtypes.to_torch(info.dtype)
+        offset = begin + first * (span // max(dims[0], 1))
+        nbytes = count * math.prod(dims[1:]) * dtype.itemsize
+        aligned = offset % dtype.itemsize == 0  # else the bytes need a copy to be viewed as dtype
+        if nbytes >= DIRECT_READ_BYTES and aligned and (data := self._read_direct(info.file, key, offset, nbytes)) is not None:
+            return data.view(dtype).view(count, *dims[1:])
+        out = buffers.empty((count, *dims[1:]), dtype)
         if nbytes == 0:
             return out
         fd = self._fd(info.file)
         view = memoryview(out.view(-1).view(torch.uint8).numpy())
-        offset, done = begin + first * (span // dims[0]), 0
+        done = 0
         while done < nbytes:
             try:
                 got = os.preadv(fd, [view[done:]], offset + done)
@@ -453,23 +459,42 @@ class Checkpoint:
             done += got
         return out
 
+    def _read_direct(self, file: Path, key: str, offset: int, nbytes: int) -> torch.Tensor | None:
+        """Bytes offset:offset+nbytes of `file` read with O_DIRECT (see directio), as a uint8 view
+        into a recycled buffer; None when the file or filesystem cannot be read direct."""
+        fd = self._fd(file, direct=True)
+        if fd is None:
+            return None
+        start = offset - offset % directio.ALIGN  # the blocks around the range
+        span = directio.round_up(offset + nbytes - start)
+        window = directio.aligned(buffers.empty((span + directio.ALIGN,), torch.uint8), span)
+        try:
+            if not directio.pread_direct(fd, window, start, offset + nbytes - start):
+                return None
+        except OSError as error:
+            raise CheckpointError(f"{file}: cannot read tensor {_q(key)}: {error.strerror or error}") from None
+        return window[offset - start : offset - start + nbytes]
+
     def release_file(self, file: Path) -> None:
         """Close a shard and delete it through the `evict` hook (--low-disk); only remote sources have one."""
         if self.evict is None:
             raise CheckpointError(f"{self.origin}: a local checkpoint's files are never deleted (--low-disk is for hub repos)")
         with self._lock:
             self._handles.pop(file, None)
-            fd = self._fds.pop(file, None)
-        if fd is not None:
-            os.close(fd)
+            fds = [self._fds.pop(file, None), self._direct_fds.pop(file, None)]
+        for fd in fds:
+            if fd is not None:
+                os.close(fd)
         self.evict(file)
 
     def close(self) -> None:
         with self._lock:
             self._handles.clear()
-            fds, self._fds = list(self._fds.values()), {}
+            fds = [*self._fds.values(), *self._direct_fds.values()]
+            self._fds, self._direct_fds = {}, {}
         for fd in fds:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
 
     def __enter__(self) -> "Checkpoint":
         return self

@@ -29,12 +29,11 @@ from pathlib import Path
 import torch
 
 from moeconv import checksum as checksums
-from moeconv import dtypes
+from moeconv import directio, dtypes
 from moeconv.errors import InternalError, WriteError
 from moeconv.keys import natural_key
 
 HEADER_CAP = 100_000_000  # safetensors refuses larger headers
-BUFFER_BYTES = 1 << 20  # small tensors are batched; chunks larger than this go straight to write()
 INDEX_NAME = "model.safetensors.index.json"
 
 
@@ -252,14 +251,15 @@ class ShardWriter:
         except OSError as error:
             raise WriteError(f"{self.final}: cannot create a file in {self.out_dir}: {error.strerror or error}") from None
         self.temp = Path(temp)
-        self._file = os.fdopen(fd, "wb", buffering=BUFFER_BYTES)
+        self._fd = fd
+        self._file = directio.Appender(fd)  # bytes go to disk straight from an aligned buffer
         self._put(memoryview(layout.header))
 
     # -- writing ----------------------------------------------------------------------------------
 
-    def _put(self, view: memoryview) -> None:
+    def _put(self, view: memoryview, tensor: torch.Tensor | None = None) -> None:
         try:
-            self._file.write(view)
+            self._file.append(view, tensor)
         except OSError as error:
             raise WriteError(f"{self.final}: write failed: {error.strerror or error}") from None
         self._hash.update(view)
@@ -274,7 +274,7 @@ class ShardWriter:
 
     def _seek_key(self, key: str) -> TensorSpec:
         order = self.layout.order
-        if self._finished or self._file.closed:
+        if self._finished or self._fd is None:
             raise self._fail(f"'{key}' written after the shard was finished or closed")
         position, done = self._index, self._done
         while position < len(order) and order[position].key != key:
@@ -302,7 +302,7 @@ class ShardWriter:
         if self._done + view.nbytes > spec.nbytes:
             raise self._fail(f"'{key}' got {self._done + view.nbytes} bytes, more than its {spec.nbytes}")
         if view.nbytes:
-            self._put(view)
+            self._put(view, keep)
         self._done += view.nbytes
         del keep
 
@@ -317,13 +317,14 @@ class ShardWriter:
             self.close()
             raise self._fail(f"'{spec.key}' got {done} of its {spec.nbytes} bytes when the shard was finished")
         try:
-            self._file.flush()
-            written = self._file.tell()
+            self._file.finish()
+            written = os.fstat(self._fd).st_size
             if written != self.layout.size:
                 self.close()
                 raise self._fail(f"file is {written} bytes, the layout says {self.layout.size}")
-            os.fsync(self._file.fileno())
-            self._file.close()
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
             os.replace(self.temp, self.final)
         except OSError as error:
             self.close()
@@ -336,10 +337,9 @@ class ShardWriter:
         """Abandon an unfinished file (delete the temp file); no-op after finish()."""
         if self._finished:
             return
-        try:
-            self._file.close()
-        except OSError:
-            pass
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         self.temp.unlink(missing_ok=True)
 
     def __enter__(self) -> "ShardWriter":

@@ -1,0 +1,136 @@
+"""Direct I/O (O_DIRECT): the disk moves tensor bytes straight to and from our buffers.
+
+Why: a conversion is CPU-bound, and on this kind of machine (a VM, 2 cores) the kernel's copies
+through the page cache cost more CPU than the conversion's own kernels. Reading the 3.3 GB input
+of a 2-layer gpt-oss checkpoint took 3.7-4.0 s of system time buffered and 0.25 s with O_DIRECT;
+writing its 5.6 GB output 2.8-10 s buffered and 0.4-0.5 s direct, at the same or better wall time
+(benchmarks/RESULTS.md). O_DIRECT wants file offsets, lengths and memory addresses aligned to the
+device's block; ALIGN (4096) covers every common device. Where a filesystem refuses it (tmpfs,
+some FUSE mounts; macOS has no O_DIRECT) the same calls fall back to buffered I/O: same bytes.
+"""
+
+import errno
+import fcntl
+import mmap
+import os
+
+import torch
+
+ALIGN = 4096
+O_DIRECT = getattr(os, "O_DIRECT", 0)
+STAGE_BYTES = 16 * 2**20  # per write(): big requests keep the disk busy; one buffer of this much memory
+COPY_WITH_TORCH = 1 << 20
+
+
+def round_up(n: int, multiple: int = ALIGN) -> int:
+    return -(-n // multiple) * multiple
+
+
+def set_direct(fd: int, on: bool) -> bool:
+    """Switch O_DIRECT on or off for an open file; False when the filesystem refuses it."""
+    if not O_DIRECT:
+        return False
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | O_DIRECT if on else flags & ~O_DIRECT)
+    except OSError as error:
+        if error.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return False
+        raise
+    return on
+
+
+def open_direct(path: os.PathLike | str) -> int | None:
+    """A read-only O_DIRECT descriptor, or None where the filesystem refuses O_DIRECT."""
+    if not O_DIRECT:
+        return None
+    try:
+        return os.open(path, os.O_RDONLY | O_DIRECT)
+    except OSError as error:
+        if error.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return None
+        raise
+
+
+def aligned(buffer: torch.Tensor, nbytes: int) -> torch.Tensor:
+    """The first `nbytes` of uint8 `buffer` (at least nbytes + ALIGN long) that start at an ALIGN-aligned address."""
+    skip = -buffer.data_ptr() % ALIGN
+    return buffer[skip : skip + nbytes]
+
+
+def pread_direct(fd: int, window: torch.Tensor, offset: int, needed: int) -> bool:
+    """Fill aligned uint8 `window` from aligned `offset` of O_DIRECT `fd`, stopping once `needed`
+    bytes are in or at the end of the file. False when the read cannot go direct (the filesystem
+    refused an aligned request, or a short read left an unaligned remainder): read buffered."""
+    view = memoryview(window.numpy())
+    done = 0
+    while done < needed:
+        if done % ALIGN:
+            return False
+        try:
+            got = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as error:
+            if error.errno == errno.EINVAL:
+                return False
+            raise
+        if got == 0:
+            break  # end of file: the caller finds the tensor truncated
+        done += got
+    return done >= needed
+
+
+class Appender:
+    """Appends bytes to a new empty file through an aligned staging buffer written with O_DIRECT,
+    or buffered where the filesystem refuses O_DIRECT. `finish()` writes the tail (padded to a
+    block, then the file is cut back to its size). The caller owns and closes `fd`."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.direct = set_direct(fd, True)
+        self._stage = mmap.mmap(-1, STAGE_BYTES)  # anonymous maps are page-aligned
+        self._staged = torch.frombuffer(self._stage, dtype=torch.uint8)
+        self._fill = 0
+        self.size = 0  # bytes appended
+
+    def append(self, view: memoryview, tensor: torch.Tensor | None = None) -> None:
+        """Append the bytes of flat byte `view`; `tensor` (optional): the contiguous tensor they belong to."""
+        total, done = view.nbytes, 0
+        # Big copies go through torch, which releases the GIL that the compute threads need.
+        flat = tensor.reshape(-1).view(torch.uint8) if tensor is not None and total >= COPY_WITH_TORCH else None
+        while done < total:
+            take = min(total - done, STAGE_BYTES - self._fill)
+            if flat is None:
+                self._stage[self._fill : self._fill + take] = view[done : done + take]
+            else:
+                self._staged[self._fill : self._fill + take].copy_(flat[done : done + take])
+            self._fill += take
+            done += take
+            if self._fill == STAGE_BYTES:
+                self._write(STAGE_BYTES)
+        self.size += total
+
+    def finish(self) -> None:
+        """Write what is staged; the file then holds exactly `size` bytes."""
+        if not self._fill:
+            return
+        if not self.direct:
+            self._write(self._fill)
+            return
+        padded = round_up(self._fill)
+        self._stage[self._fill : padded] = bytes(padded - self._fill)
+        self._write(padded)
+        os.ftruncate(self.fd, self.size)
+
+    def _write(self, count: int) -> None:
+        view = memoryview(self._stage)[:count]
+        done = 0
+        while done < count:
+            try:
+                done += os.write(self.fd, view[done:])
+            except OSError as error:
+                if not (self.direct and error.errno == errno.EINVAL):
+                    raise
+                self.direct = set_direct(self.fd, False)  # refused after all: buffered from here on
+            if done % ALIGN and self.direct:
+                self.direct = set_direct(self.fd, False)
+        self._fill = 0
