@@ -160,39 +160,41 @@ def convert_command(
 
     SRC is a local folder or file, or a hub repo id (org/name) read through huggingface_hub (its cache,
     HF_TOKEN, HF_HUB_OFFLINE); a local path that exists wins. A dry run of a repo id reads headers only."""
-    from moeconv.dtypes import parse_user_dtype
-    from moeconv.execute import execute
-    from moeconv.hub import fetch_inputs, open_source
-    from moeconv.plan import build_plan
-    from moeconv.render import progress_bar, render_plan
-    from moeconv.report import BackgroundReport
+    from moeconv.report_process import BackgroundReport
 
-    shard_bytes = parse_size(max_shard_size)
-    run_dtype = parse_user_dtype(dtype) if dtype else None
-    recipes = load_recipes(preset, recipe)
-    if not recipes:
-        raise typer.BadParameter("give at least one --preset or --recipe (see `moeconv presets`)")
-    source = open_source(src, revision=revision, token=token, low_disk=low_disk)
-    # A conversion does not need the load report until it writes it: it is computed meanwhile.
-    background = not (dry_run or strict)
-    plan = build_plan(source, recipes, dtype=run_dtype, align=align, max_shard_size=shard_bytes, strict=strict, report_in_background=background)
-    refused = strict and plan.report.checked and not plan.report.ok()
-    if dry_run or refused:
-        if json_output:
-            stdout.print_json(data=plan.to_json())
-        else:
-            render_plan(plan, stdout)
-        if refused:
-            stderr.print("error: the load report is not clean (--strict); nothing was written", highlight=False)
-            raise typer.Exit(3)
-        return
+    # A conversion needs the load report only when it writes it, last: a child process starts on it
+    # now, before torch is imported here (see report_process). A dry run or --strict needs it first.
+    background = None if dry_run or strict else BackgroundReport()
     try:
+        from moeconv.dtypes import parse_user_dtype
+        from moeconv.execute import execute
+        from moeconv.hub import fetch_inputs, open_source
+        from moeconv.plan import build_plan
+        from moeconv.render import progress_bar, render_plan
+
+        shard_bytes = parse_size(max_shard_size)
+        run_dtype = parse_user_dtype(dtype) if dtype else None
+        recipes = load_recipes(preset, recipe)
+        if not recipes:
+            raise typer.BadParameter("give at least one --preset or --recipe (see `moeconv presets`)")
+        source = open_source(src, revision=revision, token=token, low_disk=low_disk)
+        plan = build_plan(source, recipes, dtype=run_dtype, align=align, max_shard_size=shard_bytes, strict=strict, background_report=background)
+        refused = strict and plan.report.checked and not plan.report.ok()
+        if dry_run or refused:
+            if json_output:
+                stdout.print_json(data=plan.to_json())
+            else:
+                render_plan(plan, stdout)
+            if refused:
+                stderr.print("error: the load report is not clean (--strict); nothing was written", highlight=False)
+                raise typer.Exit(3)
+            return
         fetch_inputs(plan, low_disk=low_disk)  # hub repo ids: download what the plan reads (no-op for local paths)
         with progress_bar(stderr, plan, enabled=stderr.is_terminal and not json_output) as progress:
             report = execute(plan, out, overwrite=overwrite, progress=progress, low_disk=low_disk, resume=resume, checksum=checksum.value)
     except BaseException:
-        if isinstance(plan.load_report, BackgroundReport):
-            plan.load_report.cancel()
+        if background is not None:
+            background.cancel()
         raise
     if json_output:
         stdout.print_json(data=report)

@@ -14,7 +14,8 @@ from moeconv.errors import MoeconvError, PlanError
 from moeconv.graph import Node, OpNode, SourceNode, infer_outputs
 from moeconv.keys import is_number, natural_key
 from moeconv.recipe import OpStep, Recipe, Rule
-from moeconv.report import BackgroundReport, LoadReport, check_load
+from moeconv.report import LoadReport, check_load
+from moeconv.report_process import BackgroundReport
 from moeconv.source import Checkpoint
 from moeconv.writer import ShardLayout, TensorSpec, plan_shards
 
@@ -365,14 +366,14 @@ def build_plan(
     align: int = 16,
     max_shard_size: int = 5 * 10**9,
     strict: bool = False,
-    report_in_background: bool = False,
+    background_report: BackgroundReport | None = None,
 ) -> Plan:
     """Plan a conversion of `source` with `recipes` applied in order. Reads headers only.
 
     `dtype` (--dtype) makes every floating output that dtype; `strict` turns rules that match
     nothing into errors. Raises PlanError at the first problem, naming the rule and key.
-    `report_in_background`: the load report is computed in a child process while the caller goes
-    on (`plan.report` waits for it; see BackgroundReport); for a conversion that writes it last.
+    `background_report`: the load report is submitted to it, computed in its child process while
+    the caller goes on (`plan.report` waits for it); for a conversion that writes it last.
     """
     planner = _Planner(source, dtype)
     for recipe in recipes:
@@ -398,6 +399,8 @@ def build_plan(
 
     config = companions.output_config(source.config, tensors.values(), dtype)
     planned = {t.key: (t.dtype, t.shape) for t in tensors.values()}
+    if background_report is not None:
+        background_report.submit(planned, config)
     return Plan(
         source=source,
         recipes=list(recipes),
@@ -405,7 +408,7 @@ def build_plan(
         shards=shards,
         config=config,
         companion_files=companions.companion_files(source.root, source.listing),
-        load_report=(BackgroundReport if report_in_background else check_load)(planned, config),
+        load_report=background_report if background_report is not None else check_load(planned, config),
         warnings=planner.warnings,
         align=align,
         max_shard_size=max_shard_size,

@@ -42,9 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import multiprocessing
-import signal
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -104,6 +101,16 @@ class LoadReport:
 
 # ---------------------------------------------------------------------------------------------
 # Building the consumer on the meta device
+
+
+def import_consumer() -> None:
+    """Import the transformers code check_load runs (seconds of CPU), e.g. ahead of time in a
+    process that answers later; ImportError without transformers."""
+    _import_transformers()
+    import transformers.conversion_mapping  # noqa: F401
+    import transformers.core_model_loading  # noqa: F401
+    import transformers.modeling_utils  # noqa: F401
+    import transformers.models.auto.configuration_auto  # noqa: F401
 
 
 def _import_transformers():
@@ -281,68 +288,6 @@ def check_load(planned: Planned, config: dict | None) -> LoadReport:
     except Exception as error:  # transformers' loader raised outside its own per-key error capture
         reason = f"transformers' loader failed on the planned keys: {type(error).__name__}: {error}"
         return LoadReport(False, reason, consumer)
-
-
-class BackgroundReport:
-    """`check_load` computed beside a conversion, in a forked child process; `result()` waits for it.
-
-    A conversion needs the report only when it writes it, and importing transformers is ~3 s of
-    pure-Python CPU. On a thread it held the GIL that the conversion's threads need between torch
-    kernels: the import ran 3x slower and the conversion stalled. A child forked after torch is
-    imported has its own interpreter and needs only transformers. Without fork (not Linux) the
-    report is computed at once, as without this class. Ctrl-C is the parent's to handle: the child
-    ignores it and `cancel()` kills it. A child that dies without an answer (killed, crashed) is
-    replaced by computing the report here."""
-
-    def __init__(self, planned: Planned, config: dict | None):
-        self._args = (planned, config)
-        self._report: LoadReport | None = None
-        self._process = None
-        if sys.platform != "linux":  # fork is only safe with torch loaded on Linux
-            self._report = check_load(planned, config)
-            return
-        context = multiprocessing.get_context("fork")
-        self._receiver, sender = context.Pipe(duplex=False)
-        self._process = context.Process(target=_report_child, args=(sender, planned, config), name="moeconv-load-report", daemon=True)
-        self._process.start()
-        sender.close()  # the child holds the only sending end: its death is EOF here
-
-    def result(self) -> LoadReport:
-        """The report (an error raised by check_load in the child is raised here)."""
-        if self._report is None:
-            try:
-                kind, value = self._receiver.recv()
-            except EOFError:
-                kind, value = "report", check_load(*self._args)
-            self._finish()
-            if kind == "error":
-                raise value
-            self._report = value
-        return self._report
-
-    def cancel(self) -> None:
-        """Stop the child (the conversion failed or was interrupted); result() is not called after."""
-        if self._process is not None and self._process.is_alive():
-            self._process.kill()
-        self._finish()
-
-    def _finish(self) -> None:
-        if self._process is not None:
-            self._process.join()
-            self._receiver.close()
-            self._process = None
-
-
-def _report_child(sender, planned: Planned, config: dict | None) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        outcome = ("report", check_load(planned, config))
-    except BaseException as error:  # noqa: BLE001 - handed to the parent, which raises it
-        outcome = ("error", error)
-    try:
-        sender.send(outcome)
-    except Exception as error:  # an exception that does not pickle: its text does
-        sender.send(("error", RuntimeError(f"{type(outcome[1]).__name__}: {outcome[1]} ({error})")))
 
 
 def _simulate_load(model, consumer: str, planned: Planned) -> LoadReport:

@@ -2,6 +2,7 @@
 meta models and save_pretrained files, never from moeconv.report."""
 
 import json
+import subprocess
 import sys
 import time
 
@@ -14,11 +15,11 @@ from safetensors import safe_open  # noqa: E402
 from transformers import AutoModelForCausalLM, GptOssConfig, MixtralConfig, Qwen3MoeConfig  # noqa: E402
 
 from moeconv.dtypes import TORCH_TO_SAFETENSORS  # noqa: E402
+from moeconv.report_process import BackgroundReport  # noqa: E402
 from moeconv.report import (  # noqa: E402
     TRANSFORMERS_MISSING,
     LoadReport,
     Mismatch,
-    BackgroundReport,
     check_load,
     expected_tensors,
     render_report,
@@ -295,7 +296,8 @@ def test_no_config_is_not_checked():
 def test_the_background_report_is_the_synchronous_one():
     config = gpt_oss(quantized=True)
     planned = meta_planned(config)  # bf16 experts under an mxfp4 config: a report with findings
-    background = BackgroundReport(planned, config)
+    background = BackgroundReport()
+    background.submit(planned, config)
     report = background.result()
     assert report == check_load(planned, config) and report.unexpected
     assert background.result() is report  # computed once
@@ -309,22 +311,41 @@ def test_an_error_in_the_background_report_is_raised_where_it_is_read(monkeypatc
 
     monkeypatch.setattr(moeconv.report, "check_load", fail)  # before the fork: the child has it too
     with pytest.raises(RuntimeError, match="the loader broke"):
-        BackgroundReport({}, None).result()
+        background = BackgroundReport()
+        background.submit({}, None)
+        background.result()
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the report is computed in a child only on Linux")
 def test_a_killed_report_child_is_replaced_and_a_cancelled_one_is_gone():
     config = mixtral()
     planned = meta_planned(config)
-    background = BackgroundReport(planned, config)
+    background = BackgroundReport()
     child = background._process
+    background.submit(planned, config)
     child.kill()
     assert background.result() == check_load(planned, config)  # computed here instead
     assert not child.is_alive()
-    cancelled = BackgroundReport(planned, config)
+    cancelled = BackgroundReport()
     child = cancelled._process
     cancelled.cancel()
     assert not child.is_alive() and child.exitcode is not None
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the report is computed in a child only on Linux")
+def test_a_report_child_that_is_never_asked_exits_when_the_parent_lets_go():
+    background = BackgroundReport()
+    child = background._process
+    background._asker.close()  # what the parent's death does to the pipe
+    child.join(timeout=60)
+    assert child.exitcode == 0
+
+
+def test_the_report_process_module_imports_neither_torch_nor_transformers():
+    """convert forks the child before importing torch: that only pays if this module does not."""
+    code = "import sys, moeconv.report_process, moeconv.cli; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
 
 
 # --- rendering and json ---------------------------------------------------------------------------

@@ -1,0 +1,116 @@
+"""The load report computed beside a conversion, in a child process forked before torch is imported.
+
+A conversion needs its load report only when it writes it, last; computing it means importing
+transformers' modeling code, ~3-4 s of pure-Python CPU, and on two busy cores that was the last
+thing a conversion waited for. So `convert` forks this child first thing: while the parent imports
+torch and plans, the child imports torch and transformers on the other core (cold, before the
+conversion's own I/O fills the disk queue), then waits for the planned keys and answers. On a
+thread the import held the GIL the conversion's threads need (3x slower, the conversion stalled).
+
+This module imports neither torch nor transformers (that is its point). Without fork (not Linux)
+the report is computed in-process when the plan is submitted. Ctrl-C is the parent's to handle: the
+child ignores it and `cancel()` kills it; a parent that dies closes the pipe and the child exits.
+A child that dies without an answer is replaced by computing the report in the parent.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import signal
+import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from moeconv.report import LoadReport, Planned
+
+
+class BackgroundReport:
+    """`check_load` in a child process forked now: create it before importing torch, `submit()` the
+    plan's keys when known, and `result()` waits for the report (re-raising the child's error)."""
+
+    def __init__(self):
+        self._question: tuple[Planned, dict | None] | None = None
+        self._report: LoadReport | None = None
+        self._process = None
+        if sys.platform != "linux":  # fork is only safe and cheap on Linux
+            return
+        context = multiprocessing.get_context("fork")
+        questions, self._asker = context.Pipe(duplex=False)
+        self._answers, answerer = context.Pipe(duplex=False)
+        ends = (questions, answerer, self._asker, self._answers)
+        self._process = context.Process(target=_child, args=ends, name="moeconv-load-report", daemon=True)
+        self._process.start()
+        questions.close()  # the child holds the only ends it uses: its death is EOF here
+        answerer.close()
+
+    def submit(self, planned: Planned, config: dict | None) -> None:
+        """The question: the planned output (key -> dtype, shape) and the output's config.json."""
+        self._question = (planned, config)
+        if self._process is None:
+            self._report = _check_load(planned, config)
+            return
+        try:
+            self._asker.send(self._question)
+        except OSError:  # the child is gone: result() computes it here
+            pass
+
+    def result(self) -> LoadReport:
+        """The report (an error raised by check_load in the child is raised here)."""
+        if self._report is None:
+            if self._question is None:
+                raise RuntimeError("BackgroundReport.result() before submit()")
+            try:
+                kind, value = self._answers.recv()
+            except EOFError:
+                kind, value = "report", _check_load(*self._question)
+            self._finish()
+            if kind == "error":
+                raise value
+            self._report = value
+        return self._report
+
+    def cancel(self) -> None:
+        """Stop the child (the conversion failed or was interrupted); result() is not called after."""
+        if self._process is not None and self._process.is_alive():
+            self._process.kill()
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._process is not None:
+            self._process.join()
+            self._asker.close()
+            self._answers.close()
+            self._process = None
+
+
+def _check_load(planned: Planned, config: dict | None) -> LoadReport:
+    from moeconv import report
+
+    return report.check_load(planned, config)
+
+
+def _child(questions, answerer, *parents_ends) -> None:
+    for end in parents_ends:  # forked copies: with them open, the parent's exit would not be EOF here
+        end.close()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    gc.disable()  # imports make few cycles, and collecting thousands of fresh module objects costs ~10 %
+    try:
+        from moeconv import report
+
+        report.import_consumer()
+    except Exception:  # noqa: BLE001 - check_load says what is missing, in its own words
+        pass
+    gc.enable()
+    try:
+        question = questions.recv()
+    except EOFError:  # the parent stopped before planning
+        return
+    try:
+        outcome = ("report", _check_load(*question))
+    except BaseException as error:  # noqa: BLE001 - handed to the parent, which raises it
+        outcome = ("error", error)
+    try:
+        answerer.send(outcome)
+    except Exception as error:  # an exception that does not pickle: its text does
+        answerer.send(("error", RuntimeError(f"{type(outcome[1]).__name__}: {outcome[1]} ({error})")))
