@@ -31,6 +31,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 DROP = Path("/proc/sys/vm/drop_caches")
+# After a checkpoint is generated the virtual disk stays slow for a while (the host flushing it):
+# the first contender after it ran 30 % slower than the same command a minute later.
+SETTLE_SECONDS = 20
 
 
 def drop_caches() -> bool:
@@ -69,6 +72,8 @@ def make(data: Path, model: str, layers: int, vocab: int | None) -> Path:
         shutil.rmtree(path, ignore_errors=True)
         cmd = [PY, str(REPO / "benchmarks" / "make_checkpoint.py"), model, str(path), "--layers", str(layers)]
         subprocess.run(cmd + (["--vocab", str(vocab)] if vocab else []), check=True)
+        os.sync()
+        time.sleep(SETTLE_SECONDS)
     return path
 
 
