@@ -7,6 +7,9 @@ torch and plans, the child imports torch and transformers on the other core (col
 conversion's own I/O fills the disk queue), then waits for the planned keys and answers. On a
 thread the import held the GIL the conversion's threads need (3x slower, the conversion stalled).
 
+The child also keeps an import hint (below) so that, from the second run on, the library files
+its import reads are fetched while the disk is still quiet.
+
 This module imports neither torch nor transformers (that is its point). Without fork (not Linux)
 the report is computed in-process when the plan is submitted. Ctrl-C is the parent's to handle: the
 child ignores it and `cancel()` kills it; a parent that dies closes the pipe and the child exits.
@@ -16,9 +19,13 @@ A child that dies without an answer is replaced by computing the report in the p
 from __future__ import annotations
 
 import gc
+import hashlib
 import multiprocessing
+import os
 import signal
 import sys
+import threading
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -94,11 +101,17 @@ def _child(questions, answerer, *parents_ends) -> None:
     for end in parents_ends:  # forked copies: with them open, the parent's exit would not be EOF here
         end.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    hint = read_import_hint()
+    if hint:
+        threading.Thread(target=prefetch, args=(hint,), daemon=True).start()
     gc.disable()  # imports make few cycles, and collecting thousands of fresh module objects costs ~10 %
     try:
         from moeconv import report
 
+        before = loaded_files()
         report.import_consumer()
+        if (needed := sorted(loaded_files() - before)) != hint:
+            write_import_hint(needed)
     except Exception:  # noqa: BLE001 - check_load says what is missing, in its own words
         pass
     gc.enable()
@@ -114,3 +127,83 @@ def _child(questions, answerer, *parents_ends) -> None:
         answerer.send(outcome)
     except Exception as error:  # an exception that does not pickle: its text does
         answerer.send(("error", RuntimeError(f"{type(outcome[1]).__name__}: {outcome[1]} ({error})")))
+
+
+# -- the import hint ----------------------------------------------------------------------------------
+# Importing transformers' modeling code reads ~1,800 small files (its modules, scipy's, sympy's,
+# torch's compiler stack). From a cold cache, during a conversion, those reads queue behind the
+# conversion's own: measured 5-6 s of block-I/O wait for 3.5-3.9 s of CPU, and the conversion then
+# waited 3-4 s for its report. So the child records which files the import read, in the user's cache
+# folder, and the next run asks the kernel to read them all at once (posix_fadvise WILLNEED) as it
+# starts, while the disk is still quiet. A hint only: a stale or missing list costs time, never
+# correctness. MOECONV_IMPORT_HINT=0 turns it off (nothing read or written).
+
+
+def hint_path() -> Path | None:
+    """Where this interpreter's hint lives (XDG_CACHE_HOME or ~/.cache), or None when turned off."""
+    if os.environ.get("MOECONV_IMPORT_HINT") == "0":
+        return None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    key = hashlib.sha256(f"{sys.executable}\0{sys.version}".encode()).hexdigest()[:16]
+    return Path(base) / "moeconv" / f"report-imports-{key}.txt"
+
+
+def loaded_files() -> set[str]:
+    """The files this process has imported (compiled modules) or mapped (extensions and their libraries)."""
+    modules = list(sys.modules.values())
+    files = {getattr(m, "__cached__", None) for m in modules} | {getattr(m, "__file__", None) for m in modules}
+    try:
+        with open("/proc/self/maps") as maps:
+            files.update(fields[5].strip() for line in maps if len(fields := line.split(None, 5)) == 6)
+    except OSError:
+        pass
+    return {f for f in files if isinstance(f, str) and f.startswith("/")}
+
+
+def read_import_hint() -> list[str]:
+    path = hint_path()
+    try:
+        return path.read_text(encoding="utf-8").splitlines() if path else []
+    except (OSError, UnicodeDecodeError):
+        return []
+
+
+def write_import_hint(files: list[str]) -> None:
+    path = hint_path()
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temp.write_text("".join(f"{f}\n" for f in files), encoding="utf-8")
+        os.replace(temp, path)
+    except OSError:
+        pass
+
+
+def prefetch(files: list[str]) -> None:
+    """Bring `files` into the page cache: their folders' listings and their inodes now (the import
+    system lists folders and checks each source's mtime), compiled code and libraries in the
+    background (missing files are skipped)."""
+    for folder in dict.fromkeys(os.path.dirname(file) for file in files):
+        try:
+            os.listdir(folder)
+        except OSError:
+            pass
+    for file in files:
+        if file.endswith(".py"):  # only its mtime is read, to validate the .pyc
+            try:
+                os.stat(file)
+            except OSError:
+                pass
+            continue
+        try:
+            fd = os.open(file, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)

@@ -21,6 +21,14 @@ import checkpoints as ck  # tests/ is on sys.path (pytest's rootdir conftest ins
 _built: dict[str, Path] = {}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """The load report child writes its import hint under XDG_CACHE_HOME: a temp folder, not ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        yield
+
+
 def _once(tmp_path_factory: pytest.TempPathFactory, name: str, build) -> Path:
     if name not in _built:
         _built[name] = build(tmp_path_factory.mktemp(name) / "ckpt")

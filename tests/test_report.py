@@ -2,6 +2,7 @@
 meta models and save_pretrained files, never from moeconv.report."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from safetensors import safe_open  # noqa: E402
 from transformers import AutoModelForCausalLM, GptOssConfig, MixtralConfig, Qwen3MoeConfig  # noqa: E402
 
 from moeconv.dtypes import TORCH_TO_SAFETENSORS  # noqa: E402
+from moeconv import report_process  # noqa: E402
 from moeconv.report_process import BackgroundReport  # noqa: E402
 from moeconv.report import (  # noqa: E402
     TRANSFORMERS_MISSING,
@@ -339,6 +341,33 @@ def test_a_report_child_that_is_never_asked_exits_when_the_parent_lets_go():
     background._asker.close()  # what the parent's death does to the pipe
     child.join(timeout=60)
     assert child.exitcode == 0
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the report is computed in a child only on Linux")
+def test_the_report_child_records_what_its_import_read_and_the_next_one_prefetches_it(monkeypatch, tmp_path, tiny_gpt_oss_example_dir):
+    """A real `moeconv convert` (a fresh process: here transformers is imported already)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    command = [sys.executable, "-m", "moeconv", "convert", str(tiny_gpt_oss_example_dir), str(tmp_path / "out"), "-p", "gpt-oss-bf16"]
+    done = subprocess.run(command, capture_output=True, text=True, env=os.environ)
+    assert done.returncode == 0, done.stderr
+    hint = report_process.hint_path()
+    assert hint is not None and hint.parent == tmp_path / "moeconv"
+    files = report_process.read_import_hint()
+    assert any("transformers" in f and "modeling_utils" in f and f.endswith(".pyc") for f in files)  # compiled code
+    assert any("transformers" in f and f.endswith("modeling_utils.py") for f in files)  # sources: their mtime is read
+    assert all(f.startswith("/") for f in files) and files == sorted(set(files))
+    report_process.prefetch([*files[:50], str(tmp_path / "gone.pyc"), str(tmp_path / "gone" / "x.py")])  # missing: skipped
+
+
+def test_the_import_hint_can_be_turned_off(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("MOECONV_IMPORT_HINT", "0")
+    assert report_process.hint_path() is None
+    report_process.write_import_hint(["/x"])
+    assert report_process.read_import_hint() == [] and not (tmp_path / "moeconv").exists()
+    monkeypatch.delenv("MOECONV_IMPORT_HINT")
+    report_process.write_import_hint(["/a", "/b"])
+    assert report_process.read_import_hint() == ["/a", "/b"]
 
 
 def test_the_report_process_module_imports_neither_torch_nor_transformers():
