@@ -4,8 +4,9 @@ Why not `safetensors.torch.save_file`: it needs every tensor of a file in memory
 MoE shard is tens of GB), and it pads the header to 8 bytes only, so every tensor after an
 odd-sized one starts misaligned. Here the whole layout (header, order, offsets) is decided up front
 from metadata alone (`layout_shard`), the header is written first, tensor bytes are streamed in
-whatever chunks the caller produces, and each file appears under its final name only when complete
-(temp file in the same folder -> fsync -> rename -> fsync folder).
+whatever chunks the caller produces (with O_DIRECT from an aligned staging buffer, see directio),
+and each file appears under its final name only when complete (temp file in the same folder ->
+fsync -> rename -> fsync folder).
 
 Alignment: the data start (8 + header length) is padded with spaces to a multiple of N, then
 tensors are ordered so as many as possible start at a multiple of N. The format forbids holes and
@@ -252,7 +253,11 @@ class ShardWriter:
             raise WriteError(f"{self.final}: cannot create a file in {self.out_dir}: {error.strerror or error}") from None
         self.temp = Path(temp)
         self._fd = fd
-        self._file = directio.Appender(fd)  # bytes go to disk straight from an aligned buffer
+        try:
+            self._file = directio.Appender(fd)  # bytes go to disk straight from an aligned buffer
+        except OSError as error:
+            self.close()
+            raise WriteError(f"{self.final}: cannot set up writing: {error.strerror or error}") from None
         self._put(memoryview(layout.header))
 
     # -- writing ----------------------------------------------------------------------------------
