@@ -367,6 +367,9 @@ def start_slow(src: Path, out: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "moeconv", "convert", str(src), str(out), "-p", "fuse-experts", "--max-shard-size", "20KB", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        # A test run started in the background (`cmd &` in a script) ignores SIGINT, and so would this
+        # child, as Unix intends: give it the default, as from a terminal.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
