@@ -13,6 +13,7 @@ import json
 import math
 import os
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -33,6 +34,7 @@ from moeconv.writer import INDEX_NAME, ShardWriter, _fsync_dir, atomic_write_byt
 
 CHUNK_BYTES = 32 * 2**20  # one gpt-oss expert (33 MB bf16) per chunk at most; fewer in flight = less memory
 AHEAD_CHUNKS = 4  # bytes computed ahead of the writer, in chunks
+YIELD_TO_REPORT = 5  # nice increment of the worker threads while the load report is pending
 RECYCLE_CHUNKS = 12  # chunk-sized buffers kept for reuse (see buffers.py): about what the pipeline holds at once
 REPORT_NAME = "moeconv-report.json"
 JOURNAL_NAME = ".moeconv-progress.json"  # an unfinished run: its finished shards, for --resume
@@ -124,10 +126,13 @@ def _compute_threads() -> int:
     return max(1, min(len(os.sched_getaffinity(0)), 4))
 
 
-def _one_kernel_thread() -> None:
-    """torch kernels on this thread run on it alone (OpenMP's setting is per thread). The pool's
-    threads already fill the cores; OpenMP teams on top spun idle for ~10 % of all CPU time."""
+def _worker_thread(niceness: int) -> None:
+    """Set up a compute or writer thread. torch kernels on it run on it alone (OpenMP's setting is
+    per thread): the pool's threads already fill the cores, and OpenMP teams on top spun idle for
+    ~10 % of all CPU time. `niceness`: lower this thread's CPU priority (Linux: per thread)."""
     torch.set_num_threads(1)
+    if niceness and sys.platform == "linux":
+        os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) + niceness)
 
 
 class _ComputePool:
@@ -135,9 +140,11 @@ class _ComputePool:
     back in order. At most `threads` + 1 chunks are submitted and not yet handed out, and together
     at most `budget` bytes unless one chunk alone is bigger (a 235 MB Mixtral expert: one at a time)."""
 
-    def __init__(self, threads: int, budget: int):
+    def __init__(self, threads: int, budget: int, niceness: int = 0):
         self.threads, self.budget = threads, budget
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="moeconv-compute", initializer=_one_kernel_thread) if threads > 1 else None
+        self.pool = None
+        if threads > 1:
+            self.pool = ThreadPoolExecutor(threads, thread_name_prefix="moeconv-compute", initializer=_worker_thread, initargs=(niceness,))
 
     def ordered(self, jobs):
         """Yield (tensor, chunk, last) for each (tensor, rows, last) job, in the jobs' order."""
@@ -168,15 +175,15 @@ class _ComputePool:
 class _BackgroundWriter:
     """Writes (key, chunk) pairs on a thread so the next chunk is computed meanwhile."""
 
-    def __init__(self, writer: ShardWriter, progress: Progress | None, shard: str):
-        self.writer, self.progress, self.shard = writer, progress, shard
+    def __init__(self, writer: ShardWriter, progress: Progress | None, shard: str, niceness: int = 0):
+        self.writer, self.progress, self.shard, self.niceness = writer, progress, shard, niceness
         self.queue: queue.Queue = queue.Queue(maxsize=1)  # the compute pool holds the chunks ahead
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
-        _one_kernel_thread()
+        _worker_thread(self.niceness)
         while (item := self.queue.get()) is not _DONE:
             if self.error is not None:
                 continue  # drain after a failure
@@ -402,7 +409,10 @@ def execute(
     finished = dict(kept)
     _write_journal(out_dir, fingerprint, checksum, finished)
     position = 0
-    compute = _ComputePool(threads, AHEAD_CHUNKS * chunk_bytes)
+    # While the load report is computed in its child process, the conversion's threads give way to
+    # it: it is what the run waits for at the end (2-layer gpt-oss: 10.4 -> 9.5 s over 8 pairs).
+    niceness = YIELD_TO_REPORT if plan.report_pending else 0
+    compute = _ComputePool(threads, AHEAD_CHUNKS * chunk_bytes, niceness)
     try:
         with buffers.recycling(RECYCLE_CHUNKS * chunk_bytes):
             for layout in plan.shards:
@@ -412,7 +422,7 @@ def execute(
                         progress(layout.name, sum(spec.nbytes for spec in layout.order))
                     continue
                 with ShardWriter(out_dir, layout, out_dir / staged_name(layout.name), checksum=checksum) as writer:
-                    background = _BackgroundWriter(writer, progress, layout.name)
+                    background = _BackgroundWriter(writer, progress, layout.name, niceness)
                     try:
                         for tensor, chunk, last in compute.ordered(_jobs(plan, layout, chunk_bytes)):
                             background.put(tensor.key, chunk)

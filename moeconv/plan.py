@@ -101,6 +101,11 @@ class Plan:
         }
 
     @property
+    def report_pending(self) -> bool:
+        """The load report is still being computed in a child process (see BackgroundReport)."""
+        return isinstance(self.load_report, BackgroundReport) and self.load_report.pending
+
+    @property
     def report(self) -> LoadReport:
         """The load report (waits for it if it is still being computed in the background)."""
         if not isinstance(self.load_report, LoadReport):

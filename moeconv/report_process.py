@@ -51,6 +51,11 @@ class BackgroundReport:
         questions.close()  # the child holds the only ends it uses: its death is EOF here
         answerer.close()
 
+    @property
+    def pending(self) -> bool:
+        """A child process is (still) computing the report."""
+        return self._process is not None and self._report is None
+
     def submit(self, planned: Planned, config: dict | None) -> None:
         """The question: the planned output (key -> dtype, shape) and the output's config.json."""
         self._question = (planned, config)

@@ -4,6 +4,7 @@ several compute threads give the same bytes, errors and report."""
 import json
 import shutil
 import subprocess
+import os
 import sys
 import threading
 import time
@@ -174,3 +175,32 @@ target = "{{layer}}.w1_stacked"
     execute(plan, tmp_path / "out", chunk_bytes=8)
     got = load_file(tmp_path / "out" / "model.safetensors")["model.layers.0.w1_stacked"]
     assert torch.equal(got, torch.stack([experts[f"model.layers.0.experts.{e}.w1.weight"] for e in range(3)], dim=dim))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread niceness and the report child are Linux-only")
+def test_the_conversion_threads_give_way_to_a_pending_report_child(gpt_oss_mxfp4_dir, tmp_path, monkeypatch):
+    """While the load report is computed in its child, compute threads run at a lower CPU priority;
+    with the report already there, at the caller's."""
+    from moeconv import execute as execution
+    from moeconv.report_process import BackgroundReport
+
+    seen: list[int] = []
+
+    def produce(tensor, rows):
+        seen.append(os.getpriority(os.PRIO_PROCESS, 0))  # this thread's niceness (Linux)
+        return original(tensor, rows)
+
+    original = execution._produce
+    monkeypatch.setattr(execution, "_produce", produce)
+    monkeypatch.setenv("MOECONV_THREADS", "2")
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    background = BackgroundReport()
+    plan = build_plan(Checkpoint.open(gpt_oss_mxfp4_dir), [load_preset("gpt-oss-bf16")], background_report=background)
+    assert plan.report_pending
+    execute(plan, tmp_path / "pending")
+    assert not plan.report_pending and plan.report.ok()
+    assert seen and set(seen) == {min(base + execution.YIELD_TO_REPORT, 19)}
+    seen.clear()
+    execute(build_plan(Checkpoint.open(gpt_oss_mxfp4_dir), [load_preset("gpt-oss-bf16")]), tmp_path / "ready")
+    assert seen and set(seen) == {base}
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the caller's own thread is untouched
