@@ -34,6 +34,9 @@ DROP = Path("/proc/sys/vm/drop_caches")
 # After a checkpoint is generated the virtual disk stays slow for a while (the host flushing it):
 # the first contender after it ran 30 % slower than the same command a minute later.
 SETTLE_SECONDS = 20
+# The same holds, shorter, after a contender that used a lot of memory or wrote a lot (the host takes
+# the freed memory back): a 1-layer conversion right after an 8 GB process took 15.9 s, then 8.5 s.
+CONTENDER_SETTLE_SECONDS = 5
 
 
 def drop_caches() -> bool:
@@ -48,6 +51,7 @@ def drop_caches() -> bool:
 def run(cmd: list[str], label: str) -> dict:
     """One contender as a subprocess: wall, cpu, peak RSS (its own rusage)."""
     cold = drop_caches()
+    time.sleep(CONTENDER_SETTLE_SECONDS)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
