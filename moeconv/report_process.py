@@ -203,7 +203,7 @@ def prefetch(files: list[str]) -> None:
                 pass
             continue
         try:
-            fd = os.open(file, os.O_RDONLY)
+            fd = os.open(file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO in the list must not hang us
         except OSError:
             continue
         try:
