@@ -22,8 +22,9 @@ STAGE_BYTES = 16 * 2**20  # per write(): big requests keep the disk busy; one bu
 COPY_WITH_TORCH = 1 << 20
 
 
-def round_up(n: int, multiple: int = ALIGN) -> int:
-    return -(-n // multiple) * multiple
+def round_up(n: int) -> int:
+    """n rounded up to a whole number of ALIGN blocks."""
+    return -(-n // ALIGN) * ALIGN
 
 
 def set_direct(fd: int, on: bool) -> bool:
