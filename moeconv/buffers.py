@@ -49,7 +49,7 @@ def empty(shape, dtype: torch.dtype) -> torch.Tensor:
         for entry in sorted(idle, key=lambda entry: entry[0].numel()):
             if kept + nbytes <= _budget:
                 break
-            _buffers.remove(entry)
+            del _buffers[next(i for i, kept_entry in enumerate(_buffers) if kept_entry is entry)]  # not remove(): == on tensors
             kept -= entry[0].numel()
         if kept + nbytes > _budget:
             return torch.empty(shape, dtype=dtype)

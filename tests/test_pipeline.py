@@ -55,6 +55,16 @@ def test_recycling_respects_its_budget_and_ends_with_the_block():
     assert buffers.empty((MiB // 4,), torch.float32).shape == (MiB // 4,)  # small or outside: torch.empty
 
 
+def test_idle_buffers_of_other_sizes_make_room_whatever_their_place_in_the_pool():
+    with buffers.recycling(6 * MiB):
+        held = buffers.empty((MiB,), torch.uint8)  # first in the pool, and kept busy
+        idle = buffers.empty((4 * MiB,), torch.uint8)
+        del idle
+        wanted = buffers.empty((3 * MiB // 2,), torch.uint8)  # 4 MiB is over twice that: the idle one goes
+        assert wanted.numel() == 3 * MiB // 2 and held.numel() == MiB
+        assert [entry[0].numel() for entry in buffers._buffers] == [MiB, 3 * MiB // 2]
+
+
 @pytest.mark.parametrize("threads", ["1", "2", "3"])
 def test_output_is_identical_whatever_the_threads_and_chunks(gpt_oss_mxfp4_dir, tmp_path, monkeypatch, threads):
     """gpt-oss-bf16 with 1..3 compute threads and tiny chunks (many in flight, buffers recycled
