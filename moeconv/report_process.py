@@ -113,9 +113,10 @@ def _child(questions, answerer, *parents_ends) -> None:
     try:
         from moeconv import report
 
-        before = loaded_files()
+        before, opened = loaded_files(), _OpenedFiles()
         report.import_consumer()
-        if (needed := sorted(loaded_files() - before)) != hint:
+        opened.recording = False
+        if (needed := sorted(_on_disk(loaded_files() | opened.files) - before)) != hint:
             write_import_hint(needed)
     except Exception:  # noqa: BLE001 - check_load says what is missing, in its own words
         pass
@@ -135,13 +136,15 @@ def _child(questions, answerer, *parents_ends) -> None:
 
 
 # -- the import hint ----------------------------------------------------------------------------------
-# Importing transformers' modeling code reads ~1,800 small files (its modules, scipy's, sympy's,
-# torch's compiler stack). From a cold cache, during a conversion, those reads queue behind the
-# conversion's own: measured 5-6 s of block-I/O wait for 3.5-3.9 s of CPU, and the conversion then
-# waited 3-4 s for its report. So the child records which files the import read, in the user's cache
-# folder, and the next run asks the kernel to read them all at once (posix_fadvise WILLNEED) as it
-# starts, while the disk is still quiet. A hint only: a stale or missing list costs time, never
-# correctness. MOECONV_IMPORT_HINT=0 turns it off (nothing read or written).
+# Importing torch and transformers' modeling code reads ~5,300 files: modules (theirs, scipy's,
+# sympy's), libraries, and the source of every model transformers has (~1,700 files it reads, not
+# imports, to list their exports). From a cold cache, during a conversion, those reads queue behind
+# the conversion's own: measured 5-6 s of block-I/O wait for 3.5-3.9 s of CPU, and the conversion
+# then waited 3-4 s for its report. So the child records the files its import loaded or opened, in
+# the user's cache folder, and the next run asks the kernel to read them all at once
+# (posix_fadvise WILLNEED) as it starts, while the disk is still quiet. A hint only: a stale or
+# missing list costs time, never correctness. MOECONV_IMPORT_HINT=0 turns it off (nothing read or
+# written).
 
 
 def hint_path() -> Path | None:
@@ -163,6 +166,25 @@ def loaded_files() -> set[str]:
     except OSError:
         pass
     return {f for f in files if isinstance(f, str) and f.startswith("/")}
+
+
+class _OpenedFiles:
+    """The files this process opens while `recording` (an audit hook: reads of files that are not
+    imported, such as transformers' scan of every model's source, show up nowhere else)."""
+
+    def __init__(self):
+        self.files: set[str] = set()
+        self.recording = True
+        sys.addaudithook(self._record)  # cannot be removed: once stopped, one comparison per event
+
+    def _record(self, event: str, args: tuple) -> None:
+        if self.recording and event == "open" and isinstance(args[0], str):
+            self.files.add(args[0])
+
+
+def _on_disk(files: set[str]) -> set[str]:
+    """The absolute paths among `files`, without the kernel's (/proc, /sys, /dev)."""
+    return {f for f in files if f.startswith("/") and not f.startswith(("/proc/", "/sys/", "/dev/"))}
 
 
 def read_import_hint() -> list[str]:
@@ -187,21 +209,14 @@ def write_import_hint(files: list[str]) -> None:
 
 
 def prefetch(files: list[str]) -> None:
-    """Bring `files` into the page cache: their folders' listings and their inodes now (the import
-    system lists folders and checks each source's mtime), compiled code and libraries in the
-    background (missing files are skipped)."""
+    """Bring `files` into the page cache: their folders' listings now (the import system lists
+    folders), their contents in the background (missing files are skipped)."""
     for folder in dict.fromkeys(os.path.dirname(file) for file in files):
         try:
             os.listdir(folder)
         except OSError:
             pass
     for file in files:
-        if file.endswith(".py"):  # only its mtime is read, to validate the .pyc
-            try:
-                os.stat(file)
-            except OSError:
-                pass
-            continue
         try:
             fd = os.open(file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO in the list must not hang us
         except OSError:

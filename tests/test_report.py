@@ -355,9 +355,27 @@ def test_the_report_child_records_what_its_import_read_and_the_next_one_prefetch
     files = report_process.read_import_hint()
     assert any("transformers" in f and "modeling_utils" in f and f.endswith(".pyc") for f in files)  # compiled code
     assert any("transformers" in f and f.endswith("modeling_utils.py") for f in files)  # sources: their mtime is read
+    assert not any(f.startswith(("/proc/", "/sys/", "/dev/")) for f in files)
     assert all(f.startswith("/") for f in files) and files == sorted(set(files))
     os.mkfifo(tmp_path / "fifo")  # a hint is a file anyone with the cache folder can edit: odd entries never hang
     report_process.prefetch([*files[:50], str(tmp_path / "gone.pyc"), str(tmp_path / "gone" / "x.py"), str(tmp_path / "fifo")])
+
+
+def test_the_hint_records_files_read_without_being_imported(tmp_path):
+    """Such as transformers' scan of every model's source; in a fresh process (the audit hook stays)."""
+    read, later = tmp_path / "read.txt", tmp_path / "later.txt"
+    read.write_text("x")
+    later.write_text("y")
+    script = (
+        "import sys\nfrom moeconv.report_process import _OpenedFiles\n"
+        "opened = _OpenedFiles()\n"
+        f"open({str(read)!r}).read()\n"
+        "opened.recording = False\n"
+        f"open({str(later)!r}).read()\n"
+        "print(sorted(opened.files))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == repr([str(read)])
 
 
 def test_the_import_hint_can_be_turned_off(monkeypatch, tmp_path):
