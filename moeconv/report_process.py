@@ -23,6 +23,7 @@ import hashlib
 import multiprocessing
 import os
 import signal
+import stat
 import sys
 import threading
 from pathlib import Path
@@ -222,7 +223,8 @@ def prefetch(files: list[str]) -> None:
         except OSError:
             continue
         try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            if stat.S_ISREG(os.fstat(fd).st_mode):  # not a device an edited hint names
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
         except OSError:
             pass
         finally:

@@ -358,7 +358,10 @@ def test_the_report_child_records_what_its_import_read_and_the_next_one_prefetch
     assert not any(f.startswith(("/proc/", "/sys/", "/dev/")) for f in files)
     assert all(f.startswith("/") for f in files) and files == sorted(set(files))
     os.mkfifo(tmp_path / "fifo")  # a hint is a file anyone with the cache folder can edit: odd entries never hang
-    report_process.prefetch([*files[:50], str(tmp_path / "gone.pyc"), str(tmp_path / "gone" / "x.py"), str(tmp_path / "fifo")])
+    advised = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, *args: advised.append(os.readlink(f"/proc/self/fd/{fd}")))
+    report_process.prefetch([*files[:50], str(tmp_path / "gone.pyc"), str(tmp_path / "gone" / "x.py"), str(tmp_path / "fifo"), "/dev/zero"])
+    assert advised and all(os.path.isfile(f) for f in advised)  # regular files only: not the FIFO, not a device
 
 
 def test_the_hint_records_files_read_without_being_imported(tmp_path):
