@@ -34,9 +34,15 @@ DROP = Path("/proc/sys/vm/drop_caches")
 # After a checkpoint is generated the virtual disk stays slow for a while (the host flushing it):
 # the first contender after it ran 30 % slower than the same command a minute later.
 SETTLE_SECONDS = 20
-# The same holds, shorter, after a contender that used a lot of memory or wrote a lot (the host takes
-# the freed memory back): a 1-layer conversion right after an 8 GB process took 15.9 s, then 8.5 s.
-CONTENDER_SETTLE_SECONDS = 5
+# The same holds after a process that used GBs of memory (the host takes the freed memory back; this VM
+# runs a balloon and DAMON page-out): right after the kernel benchmark the O_DIRECT floor took 28.8 s,
+# 24.4 s, then 5.7 s; moeconv took 70 s once. So before every contender the disk is probed (64 MiB
+# O_DIRECT reads) until it reads within 1.5x of the best probe of this run, for up to 3 minutes.
+CONTENDER_SETTLE_SECONDS = 2
+PROBE_BYTES = 64 * 2**20
+PROBE_PATIENCE = 1.5
+PROBE_GIVE_UP_SECONDS = 180
+_probe = {"path": None, "best": None}
 
 
 def drop_caches() -> bool:
@@ -48,10 +54,42 @@ def drop_caches() -> bool:
         return False
 
 
+def probe_disk() -> float:
+    """Seconds to read the probe file with O_DIRECT (created on first use)."""
+    path = _probe["path"]
+    if not path.is_file() or path.stat().st_size != PROBE_BYTES:
+        path.write_bytes(os.urandom(PROBE_BYTES))
+        os.sync()
+    buffer = mmap.mmap(-1, 16 * 2**20)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+    start = time.perf_counter()
+    try:
+        for offset in range(0, PROBE_BYTES, len(buffer)):
+            os.preadv(fd, [buffer], offset)
+    finally:
+        os.close(fd)
+    return time.perf_counter() - start
+
+
+def wait_for_disk() -> float:
+    """Probe until the disk is back to speed (see CONTENDER_SETTLE_SECONDS); the seconds waited."""
+    start = time.perf_counter()
+    while True:
+        took = probe_disk()
+        best = _probe["best"] = min(took, _probe["best"] or took)
+        waited = time.perf_counter() - start
+        if took <= PROBE_PATIENCE * best or waited > PROBE_GIVE_UP_SECONDS:
+            return waited
+        time.sleep(2)
+
+
 def run(cmd: list[str], label: str) -> dict:
     """One contender as a subprocess: wall, cpu, peak RSS (its own rusage)."""
     cold = drop_caches()
     time.sleep(CONTENDER_SETTLE_SECONDS)
+    if (waited := wait_for_disk()) > 5:
+        print(f"  (waited {waited:.0f} s for the disk to be back to speed)", flush=True)
+    drop_caches()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -231,6 +269,7 @@ def _kernel() -> None:
 
 def kernel() -> dict:
     print("\nMXFP4 -> bf16 kernel, one thread (torch.set_num_threads(1)), output elements/s")
+    wait_for_disk()  # a proxy for the host having settled: the kernels slowed down 17x with the disk
     line = subprocess.run([PY, __file__, "_kernel"], check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
     figures = json.loads(line)
     for name, rate in figures.items():
@@ -249,6 +288,8 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write every figure here")
     args = parser.parse_args()
     args.data.mkdir(parents=True, exist_ok=True)
+    _probe["path"] = args.data / "disk-probe.bin"
+    wait_for_disk()  # the best probe: taken before anything heavy ran
     cold = drop_caches()
     print(f"{os.cpu_count()} cores; page cache {'dropped before every contender' if cold else 'WARM for all contenders (not root)'}")
     results: dict = {"cores": os.cpu_count(), "cold_cache": cold}
