@@ -39,11 +39,12 @@ SETTLE_SECONDS = 20
 # The same holds after a process that used GBs of memory (the host takes the freed memory back; this VM
 # runs a balloon and DAMON page-out): right after the kernel benchmark the O_DIRECT floor took 28.8 s,
 # 24.4 s, then 5.7 s; moeconv took 70 s once. So before every contender the disk is probed (64 MiB
-# O_DIRECT reads) until it reads within 1.5x of the best probe of this run, for up to 3 minutes.
+# O_DIRECT reads) until it reads within 1.5x of the best probe of this run, for up to a minute: the
+# spells measured lasted under one, and a disk that stays slower longer is this run's speed.
 CONTENDER_SETTLE_SECONDS = 2
 PROBE_BYTES = 64 * 2**20
 PROBE_PATIENCE = 1.5
-PROBE_GIVE_UP_SECONDS = 180
+PROBE_GIVE_UP_SECONDS = 60
 _probe = {"path": None, "best": None}
 
 
