@@ -39,13 +39,15 @@ SETTLE_SECONDS = 20
 # The same holds after a process that used GBs of memory (the host takes the freed memory back; this VM
 # runs a balloon and DAMON page-out): right after the kernel benchmark the O_DIRECT floor took 28.8 s,
 # 24.4 s, then 5.7 s; moeconv took 70 s once. So before every contender the disk is probed (64 MiB
-# O_DIRECT reads) until it reads within 1.5x of the best probe of this run, for up to a minute: the
-# spells measured lasted under one, and a disk that stays slower longer is this run's speed.
+# O_DIRECT reads) until it reads within 1.5x of the median of this run's first probes (one per
+# contender), for up to a minute: the spells measured lasted under one. Against the best probe
+# instead, every contender of one run waited the full minute while the floor and moeconv ran at
+# their usual speed: that best probe was an outlier (served from the host's cache, probably).
 CONTENDER_SETTLE_SECONDS = 2
 PROBE_BYTES = 64 * 2**20
 PROBE_PATIENCE = 1.5
 PROBE_GIVE_UP_SECONDS = 60
-_probe = {"path": None, "best": None}
+_probe = {"path": None, "times": []}
 
 
 def drop_caches() -> bool:
@@ -78,14 +80,15 @@ def wait_for_disk() -> float:
     """Probe until the disk is back to speed (see CONTENDER_SETTLE_SECONDS) in two probes 5 s
     apart (the slowdown can start seconds after the process exits); the seconds waited."""
     start, good = time.perf_counter(), 0
+    took = probe_disk()
+    _probe["times"].append(took)  # one sample per wait: a long spell cannot drag the median along
     while True:
-        took = probe_disk()
-        best = _probe["best"] = min(took, _probe["best"] or took)
-        good = good + 1 if took <= PROBE_PATIENCE * best else 0
+        good = good + 1 if took <= PROBE_PATIENCE * statistics.median(_probe["times"]) else 0
         waited = time.perf_counter() - start
         if good == 2 or waited > PROBE_GIVE_UP_SECONDS:
             return waited
         time.sleep(5 if good else 2)
+        took = probe_disk()
 
 
 def run(cmd: list[str], label: str) -> dict:
@@ -302,7 +305,7 @@ def main() -> int:
     args = parser.parse_args()
     args.data.mkdir(parents=True, exist_ok=True)
     _probe["path"] = args.data / "disk-probe.bin"
-    wait_for_disk()  # the best probe: taken before anything heavy ran
+    wait_for_disk()  # the first probes: taken before anything heavy ran
     cold = drop_caches()
     print(f"{os.cpu_count()} cores; page cache {'dropped before every contender' if cold else 'WARM for all contenders (not root)'}")
     results: dict = {"cores": os.cpu_count(), "cold_cache": cold}
