@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Time moeconv against transformers and the I/O floor, side by side in one run; print every figure.
 
-    python benchmarks/run.py --quick          # gpt-oss-20b width, 1 layer, small vocab + kernel (~3 min)
-    python benchmarks/run.py                  # the full set in benchmarks/RESULTS.md (~25 min, ~20 GB disk)
+    python benchmarks/run.py --quick          # gpt-oss-20b width, 1 layer, small vocab + kernel (~6 min)
+    python benchmarks/run.py                  # the full set in benchmarks/RESULTS.md (~35 min, ~20 GB disk)
     python benchmarks/run.py --data DIR       # where checkpoints go (default benchmarks/data/, git-ignored)
     python benchmarks/run.py --only gpt-oss   # one section of the full set: gpt-oss, memory, fuse, kernel
 
