@@ -111,6 +111,7 @@ def _child(questions, answerer, *parents_ends) -> None:
     if hint:
         threading.Thread(target=prefetch, args=(hint,), daemon=True).start()
     gc.disable()  # imports make few cycles; collecting passes over their thousands of new objects (gc: ~4 % of a run's samples)
+    opened = None
     try:
         from moeconv import report
 
@@ -121,6 +122,8 @@ def _child(questions, answerer, *parents_ends) -> None:
             write_import_hint(needed)
     except Exception:  # noqa: BLE001 - check_load says what is missing, in its own words
         pass
+    if opened is not None:
+        opened.recording = False  # also when the import failed
     gc.enable()
     try:
         question = questions.recv()
@@ -137,9 +140,9 @@ def _child(questions, answerer, *parents_ends) -> None:
 
 
 # -- the import hint ----------------------------------------------------------------------------------
-# Importing torch and transformers' modeling code reads ~5,300 files: modules (theirs, scipy's,
-# sympy's), libraries, and the source of every model transformers has (~1,700 files it reads, not
-# imports, to list their exports). From a cold cache, during a conversion, those reads queue behind
+# Importing transformers' modeling code (torch itself is imported already) reads ~5,300 files:
+# modules (its own, torch's compiler stack, scipy's, sympy's), libraries, and the source of every
+# model transformers has (~1,700 files it reads, not imports, to list their exports). From a cold cache, during a conversion, those reads queue behind
 # the conversion's own: measured 5-6 s of block-I/O wait for 3.5-3.9 s of CPU, and the conversion
 # then waited 3-4 s for its report. So the child records the files its import loaded or opened, in
 # the user's cache folder, and the next run asks the kernel to read them all at once
