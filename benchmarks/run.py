@@ -95,9 +95,8 @@ def run(cmd: list[str], label: str) -> dict:
     """One contender as a subprocess: wall, cpu, peak RSS (its own rusage)."""
     cold = drop_caches()
     time.sleep(CONTENDER_SETTLE_SECONDS)
-    if (waited := wait_for_disk()) > 10:
+    if (waited := wait_for_disk()) > 10:  # O_DIRECT probes: the cache stays dropped
         print(f"  (waited {waited:.0f} s for the disk to be back to speed)", flush=True)
-    drop_caches()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)

@@ -103,6 +103,19 @@ def _check_load(planned: Planned, config: dict | None) -> LoadReport:
     return report.check_load(planned, config)
 
 
+def _import_consumer(hint: list[str]) -> None:
+    """Import what check_load runs, and rewrite the import hint if that read other files than it lists."""
+    from moeconv import report
+
+    before, opened = loaded_files(), _OpenedFiles()
+    try:
+        report.import_consumer()
+    finally:
+        opened.recording = False
+    if (needed := sorted(_on_disk(loaded_files() | opened.files) - before)) != hint:
+        write_import_hint(needed)
+
+
 def _child(questions, answerer, *parents_ends) -> None:
     for end in parents_ends:  # forked copies: with them open, the parent's exit would not be EOF here
         end.close()
@@ -111,19 +124,10 @@ def _child(questions, answerer, *parents_ends) -> None:
     if hint:
         threading.Thread(target=prefetch, args=(hint,), daemon=True).start()
     gc.disable()  # imports make few cycles; collecting passes over their thousands of new objects (gc: ~4 % of a run's samples)
-    opened = None
     try:
-        from moeconv import report
-
-        before, opened = loaded_files(), _OpenedFiles()
-        report.import_consumer()
-        opened.recording = False
-        if (needed := sorted(_on_disk(loaded_files() | opened.files) - before)) != hint:
-            write_import_hint(needed)
+        _import_consumer(hint)
     except Exception:  # noqa: BLE001 - check_load says what is missing, in its own words
         pass
-    if opened is not None:
-        opened.recording = False  # also when the import failed
     gc.enable()
     try:
         question = questions.recv()
@@ -142,13 +146,13 @@ def _child(questions, answerer, *parents_ends) -> None:
 # -- the import hint ----------------------------------------------------------------------------------
 # Importing transformers' modeling code (torch itself is imported already) reads ~5,300 files:
 # modules (its own, torch's compiler stack, scipy's, sympy's), libraries, and the source of every
-# model transformers has (~1,700 files it reads, not imports, to list their exports). From a cold cache, during a conversion, those reads queue behind
-# the conversion's own: measured 5-6 s of block-I/O wait for 3.5-3.9 s of CPU, and the conversion
-# then waited 3-4 s for its report. So the child records the files its import loaded or opened, in
-# the user's cache folder, and the next run asks the kernel to read them all at once
-# (posix_fadvise WILLNEED) as it starts, while the disk is still quiet. A hint only: a stale or
-# missing list costs time, never correctness. MOECONV_IMPORT_HINT=0 turns it off (nothing read or
-# written).
+# model transformers has (~1,700 files it reads, not imports, to list their exports). From a cold
+# cache, during a conversion, those reads queue behind the conversion's own: measured 5-6 s of
+# block-I/O wait for 3.5-3.9 s of CPU, and the conversion then waited 3-4 s for its report. So the
+# child records the files its import loaded or opened, in the user's cache folder, and the next run
+# asks the kernel to read them all at once (posix_fadvise WILLNEED) as it starts, while the disk is
+# still quiet. A hint only: a stale or missing list costs time, never correctness.
+# MOECONV_IMPORT_HINT=0 turns it off (nothing read or written).
 
 
 def hint_path() -> Path | None:

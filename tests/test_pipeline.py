@@ -2,9 +2,9 @@
 several compute threads give the same bytes, errors and report."""
 
 import json
+import os
 import shutil
 import subprocess
-import os
 import sys
 import threading
 import time

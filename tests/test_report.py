@@ -370,7 +370,7 @@ def test_the_hint_records_files_read_without_being_imported(tmp_path):
     read.write_text("x")
     later.write_text("y")
     script = (
-        "import sys\nfrom moeconv.report_process import _OpenedFiles\n"
+        "from moeconv.report_process import _OpenedFiles\n"
         "opened = _OpenedFiles()\n"
         f"open({str(read)!r}).read()\n"
         "opened.recording = False\n"
