@@ -53,6 +53,15 @@ def test_transpose_values_and_contiguous():
     assert torch.equal(z, x.permute(2, 1, 0))
 
 
+@pytest.mark.parametrize("tile_bytes", [2**10, 3 * 2**9])  # bands of 16 and 24 rows (at least 16): the last one ragged
+def test_banded_transpose_equals_the_plain_one(monkeypatch, tile_bytes):
+    monkeypatch.setattr(ops, "_TILE_BYTES", tile_bytes)
+    x = torch.randn(20, 70, 32).to(torch.bfloat16)  # 88 KiB, above the tile: copied band by band
+    for dims in ({"dim0": 1, "dim1": 2}, {"dim0": 2, "dim1": 0}):
+        (y,) = ops.apply("transpose", [x], dims)
+        assert y.is_contiguous() and same(y, x.transpose(dims["dim0"], dims["dim1"]))
+
+
 def test_deinterleave_values():
     x = torch.arange(8)  # g0 u0 g1 u1 g2 u2 g3 u3
     assert ops.apply("deinterleave", [x], {"dim": 0})[0].tolist() == [0, 2, 4, 6, 1, 3, 5, 7]
