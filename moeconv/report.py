@@ -277,6 +277,7 @@ def check_load(planned: Planned, config: dict | None) -> LoadReport:
     expects for `config`, by running transformers' loader on meta tensors (see the module doc)."""
     if config is None:
         return LoadReport(False, "no config.json to build the consumer model from", None)
+    config = copy.deepcopy(config)  # transformers edits nested dicts (rope_scaling gains rope_theta): not the plan's
     try:
         model, consumer = _build_meta_model(config)
     except ConsumerUnavailable as error:

@@ -51,6 +51,16 @@ def test_bf16_tensors_equal_transformers_dequantizer_and_config_is_rewritten(gpt
     assert "quantization_config" not in config and config["dtype"] == "bfloat16"
 
 
+def test_strict_writes_the_same_config_as_a_plain_run(tiny_gpt_oss_example_dir, tmp_path):
+    """--strict checks the load in this process: transformers must not edit the config it writes
+    (it used to add rope_theta inside rope_scaling)."""
+    convert(tiny_gpt_oss_example_dir, tmp_path / "plain", "--preset", "gpt-oss-bf16")
+    convert(tiny_gpt_oss_example_dir, tmp_path / "strict", "--preset", "gpt-oss-bf16", "--strict")
+    plain = json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert "rope_theta" not in plain["rope_scaling"]  # the example has the hub's yarn rope_scaling
+    assert (tmp_path / "strict" / "config.json").read_bytes() == (tmp_path / "plain" / "config.json").read_bytes()
+
+
 def test_fp32_dtype_is_exact_and_fp16_refuses_nothing_finite(gpt_oss_mxfp4_dir, tmp_path):
     convert(gpt_oss_mxfp4_dir, tmp_path / "fp32", "--preset", "gpt-oss-bf16", "--dtype", "fp32")
     reference = dequantized_reference(gpt_oss_mxfp4_dir, dtype=torch.float32)
