@@ -14,8 +14,8 @@ from moeconv.errors import MoeconvError, PlanError
 from moeconv.graph import Node, OpNode, SourceNode, infer_outputs
 from moeconv.keys import is_number, natural_key
 from moeconv.recipe import OpStep, Recipe, Rule
-from moeconv.report import LoadReport, check_load
-from moeconv.report_process import BackgroundReport
+from moeconv.report import LoadReport
+from moeconv.report_process import BackgroundReport, answer
 from moeconv.source import Checkpoint
 from moeconv.writer import ShardLayout, TensorSpec, plan_shards
 
@@ -413,7 +413,7 @@ def build_plan(
         shards=shards,
         config=config,
         companion_files=companions.companion_files(source.root, source.listing),
-        load_report=background_report if background_report is not None else check_load(planned, config),
+        load_report=background_report if background_report is not None else answer(planned, config),
         warnings=planner.warnings,
         align=align,
         max_shard_size=max_shard_size,

@@ -81,6 +81,7 @@ class LoadReport:
     mismatched: list[Mismatch] = field(default_factory=list)  # shape (or int/float kind) differs
     # transformers' own `conversion_errors`: a converter (e.g. the expert merge) raised on these keys
     conversion_errors: dict[str, str] = field(default_factory=dict)
+    recalled: bool = field(default=False, compare=False)  # from an earlier run's answer (report_cache)
 
     def ok(self) -> bool:
         """Checked, and nothing missing, unexpected, mismatched or failing to convert."""
@@ -97,6 +98,13 @@ class LoadReport:
             "mismatched": [asdict(m) for m in self.mismatched],
             "conversion_errors": dict(self.conversion_errors),
         }
+
+    @classmethod
+    def from_json(cls, data: dict, *, recalled: bool = False) -> LoadReport:
+        """The inverse of to_json (for a dict of that shape: report_cache checks it)."""
+        mismatched = [Mismatch(m["key"], m["expected"], m["actual"]) for m in data["mismatched"]]
+        return cls(data["checked"], data["reason"], data["consumer"], list(data["missing"]), list(data["unexpected"]),
+                   mismatched, dict(data["conversion_errors"]), recalled=recalled)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,11 +382,12 @@ def render_report(report: LoadReport, console: Console) -> None:
     if not report.checked:
         console.print(f"[yellow]load report: not checked[/yellow] - {report.reason}")
         return
+    recalled = " (recalled from an earlier run: same planned output, same transformers code)" if report.recalled else ""
     if report.ok():
-        console.print(f"[green]load report: clean[/green] - {report.consumer} loads every key, nothing left over")
+        console.print(f"[green]load report: clean[/green] - {report.consumer} loads every key, nothing left over{recalled}")
         return
 
-    table = Table(title=f"LOAD REPORT vs {report.consumer}", title_justify="left")
+    table = Table(title=f"LOAD REPORT vs {report.consumer}{recalled}", title_justify="left")
     table.add_column("key", overflow="fold")
     table.add_column("status")
     table.add_column("checkpoint (planned)")

@@ -8,7 +8,9 @@ conversion's own I/O fills the disk queue), then waits for the planned keys and 
 thread the import held the GIL the conversion's threads need (3x slower, the conversion stalled).
 
 The child also keeps an import hint (below) so that, from the second run on, the library files
-its import reads are fetched while the disk is still quiet.
+its import reads are fetched while the disk is still quiet, and it keeps every report it computes
+(report_cache): a later run asking the same question of the same code gets it back without
+importing transformers at all.
 
 This module imports neither torch nor transformers (that is its point). Without fork (not Linux)
 the report is computed in-process when the plan is submitted. Ctrl-C is the parent's to handle: the
@@ -28,6 +30,8 @@ import sys
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from moeconv import report_cache
 
 if TYPE_CHECKING:
     from moeconv.report import LoadReport, Planned
@@ -61,7 +65,7 @@ class BackgroundReport:
         """The question: the planned output (key -> dtype, shape) and the output's config.json."""
         self._question = (planned, config)
         if self._process is None:
-            self._report = _check_load(planned, config)
+            self._report = answer(planned, config)
             return
         try:
             self._asker.send(self._question)
@@ -76,10 +80,14 @@ class BackgroundReport:
             try:
                 kind, value = self._answers.recv()
             except EOFError:
-                kind, value = "report", _check_load(*self._question)
+                kind, value = "report", answer(*self._question)
             self._finish()
             if kind == "error":
                 raise value
+            if kind == "recalled":
+                from moeconv.report import LoadReport
+
+                value = LoadReport.from_json(value, recalled=True)
             self._report = value
         return self._report
 
@@ -103,6 +111,17 @@ def _check_load(planned: Planned, config: dict | None) -> LoadReport:
     return report.check_load(planned, config)
 
 
+def answer(planned: Planned, config: dict | None) -> LoadReport:
+    """check_load's report, or the one an earlier run kept for the same question (see report_cache)."""
+    from moeconv.report import LoadReport, check_load
+
+    if (recalled := report_cache.lookup(planned, config)) is not None:
+        return LoadReport.from_json(recalled, recalled=True)
+    report = check_load(planned, config)
+    report_cache.store(planned, config, report.to_json(), loaded_files())
+    return report
+
+
 def _import_consumer(hint: list[str]) -> None:
     """Import what check_load runs, and rewrite the import hint if that read other files than it lists."""
     from moeconv import report
@@ -110,6 +129,8 @@ def _import_consumer(hint: list[str]) -> None:
     before, opened = loaded_files(), _OpenedFiles()
     try:
         report.import_consumer()
+    except Exception:  # noqa: BLE001 - check_load says what is missing, in its own words
+        pass
     finally:
         opened.recording = False
     if (needed := sorted(_on_disk(loaded_files() | opened.files) - before)) != hint:
@@ -120,19 +141,27 @@ def _child(questions, answerer, *parents_ends) -> None:
     for end in parents_ends:  # forked copies: with them open, the parent's exit would not be EOF here
         end.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    hint = read_import_hint()
-    if hint:
-        threading.Thread(target=prefetch, args=(hint,), daemon=True).start()
     gc.disable()  # imports make few cycles; collecting passes over their thousands of new objects (gc: ~4 % of a run's samples)
-    try:
-        _import_consumer(hint)
-    except Exception:  # noqa: BLE001 - check_load says what is missing, in its own words
-        pass
-    gc.enable()
+    # The import starts now, on a thread: the question comes only once the parent has imported torch
+    # and planned, seconds in which this core would idle. Unless the newest kept report still holds:
+    # then this run most likely asks the same question again (a conversion repeated in CI), and an
+    # import would only compete with the parent's for the disk (measured: first write 0.8 s later).
+    importer = None
+    if not report_cache.newest_entry_holds():
+        importer = threading.Thread(target=_import_consumer, args=(_prefetch_hinted(),), daemon=True)
+        importer.start()
     try:
         question = questions.recv()
     except EOFError:  # the parent stopped before planning
         return
+    if (recalled := report_cache.lookup(*question)) is not None:
+        answerer.send(("recalled", recalled))
+        return  # an import still running on its thread is dropped with the process
+    if importer is None:
+        _import_consumer(read_import_hint())
+    else:
+        importer.join()
+    gc.enable()
     try:
         outcome = ("report", _check_load(*question))
     except BaseException as error:  # noqa: BLE001 - handed to the parent, which raises it
@@ -141,6 +170,16 @@ def _child(questions, answerer, *parents_ends) -> None:
         answerer.send(outcome)
     except Exception as error:  # an exception that does not pickle: its text does
         answerer.send(("error", RuntimeError(f"{type(outcome[1]).__name__}: {outcome[1]} ({error})")))
+    if outcome[0] == "report":
+        report_cache.store(*question, outcome[1].to_json(), loaded_files())
+
+
+def _prefetch_hinted() -> list[str]:
+    """Start reading the hinted files in the background; the hint."""
+    hint = read_import_hint()
+    if hint:
+        threading.Thread(target=prefetch, args=(hint,), daemon=True).start()
+    return hint
 
 
 # -- the import hint ----------------------------------------------------------------------------------

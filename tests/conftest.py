@@ -23,9 +23,12 @@ _built: dict[str, Path] = {}
 
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory):
-    """The load report child writes its import hint under XDG_CACHE_HOME: a temp folder, not ~/.cache."""
+    """The load report child writes its import hint under XDG_CACHE_HOME: a temp folder, not ~/.cache.
+    Load reports are not recalled from earlier runs (tests that patch transformers must get fresh
+    ones); the tests of that cache turn it on."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        patch.setenv("MOECONV_REPORT_CACHE", "0")
         yield
 
 
