@@ -1,8 +1,8 @@
 """Load reports recalled from earlier runs, when nothing they depend on has changed.
 
-Computing a load report means importing transformers' modeling code: 4-7 s of CPU on these 2-core
-machines, which a conversion's own threads then lack (measured: a 2-layer gpt-oss-20b conversion
-took 10.8 s with the report computed and 9.1 s without; benchmarks/RESULTS.md). The report is a
+Computing a load report means importing transformers' modeling code: 5-6 s of CPU on these 2-core
+machines, which a conversion's own threads then lack (measured on a 2-layer gpt-oss-20b conversion:
+CPU 13-14 s -> 7.5-8.6 s, wall medians 9.41 -> 8.65 s; benchmarks/RESULTS.md). The report is a
 pure function of the question (planned keys, dtypes and shapes; the output's config.json) and of
 the code that answers it. So the first run keeps the answer, in the user's cache folder, with a
 fingerprint of that code, and a later run with the same question recalls it if the fingerprint
@@ -31,7 +31,7 @@ import os
 import sys
 from pathlib import Path
 
-KEEP_ENTRIES = 64  # most recent entries kept (each ~60 KB: ~5,000 file stats, compressed)
+KEEP_ENTRIES = 64  # most recent entries kept (each ~90 KB: ~6,000 file stats, compressed)
 _FORMAT = 1
 
 
