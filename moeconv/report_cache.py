@@ -29,6 +29,7 @@ import importlib.util
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 KEEP_ENTRIES = 64  # most recent entries kept (each ~90 KB: ~6,000 file stats, compressed)
@@ -134,8 +135,10 @@ def store(planned: dict, config: dict | None, report: dict, files: set[str], mod
 
 
 def _prune(folder: Path) -> None:
+    """Keep the KEEP_ENTRIES newest entries; drop temp files over an hour old (a run killed mid-write)."""
     entries = sorted(folder.glob("*.json.gz"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
-    for stale in entries[KEEP_ENTRIES:]:
+    hour_ago = time.time() - 3600
+    for stale in entries[KEEP_ENTRIES:] + [t for t in folder.glob(".*.tmp") if t.stat().st_mtime < hour_ago]:
         stale.unlink(missing_ok=True)
 
 
