@@ -34,6 +34,7 @@ from pathlib import Path
 
 KEEP_ENTRIES = 64  # most recent entries kept (each ~90 KB: ~6,000 file stats, compressed)
 _FORMAT = 1
+_MAX_ENTRY_BYTES = 64 * 2**20
 
 
 def cache_folder() -> Path | None:
@@ -96,16 +97,19 @@ def newest_entry_holds() -> bool:
     return newest is not None and _read_if_holds(newest) is not None
 
 
-def _read_if_holds(path: Path) -> dict | None:
+def _read_if_holds(entry_path: Path) -> dict | None:
     try:
-        with gzip.open(path, "rt", encoding="utf-8") as file:
-            entry = json.load(file)
+        with gzip.open(entry_path, "rb") as file:
+            data = file.read(_MAX_ENTRY_BYTES + 1)  # an entry is ~1 MB unpacked; a planted gzip bomb is not read whole
+        if len(data) > _MAX_ENTRY_BYTES:
+            return None
+        entry = json.loads(data)
         files, modules, report = entry["files"], entry["modules"], entry["report"]
         if entry["format"] != _FORMAT or not _is_report(report) or not files or not modules:
             return None
         if not all(isinstance(name, str) and name and "." not in name for name in modules):  # find_spec("a.b") imports a
             return None
-        if any(_stat(path) != [size, mtime] for path, size, mtime in files):
+        if any(_stat(loaded) != [size, mtime] for loaded, size, mtime in files):
             return None
         if any(_origin(name) != origin for name, origin in modules.items()):
             return None

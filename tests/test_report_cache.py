@@ -95,7 +95,8 @@ def test_damaged_or_edited_entries_are_misses_never_errors(cache, tmp_path, monk
         with gzip.open(entry, "wt") as file:
             json.dump(edited, file)
         assert report_cache.lookup(PLANNED, None) is None, edited
-    for damage in (b"", b"\x1f\x8b garbage", gzip.compress(b"[1, 2]"), gzip.compress(b"{\"format\": 1")):
+    bomb = gzip.compress(json.dumps(good).encode() + b" " * (report_cache._MAX_ENTRY_BYTES + 1))  # valid JSON, too big
+    for damage in (b"", b"\x1f\x8b garbage", gzip.compress(b"[1, 2]"), gzip.compress(b"{\"format\": 1"), bomb):
         entry.write_bytes(damage)
         assert report_cache.lookup(PLANNED, None) is None
     assert "moeconv_never_imported" not in sys.modules
