@@ -180,10 +180,10 @@ def moeconv_cache(data: Path) -> dict:
 
 
 def compare(src: Path, data: Path, preset: str, kind: str, title: str) -> dict:
-    """moeconv twice per round (its load report computed, as in a first conversion of this plan, then
-    recalled, as in a repeated one) and the O_DIRECT floor, three rounds, the buffered floor twice,
-    interleaved (this disk's speed drifts by +-20 % over minutes), then moeconv with sha256 and
-    transformers once. Ratios use medians: one run caught in a slow spell of this VM (see
+    """moeconv twice per round (its load report computed, as in a first conversion of this plan, and
+    recalled, as in a repeated one; which goes first alternates) and the O_DIRECT floor, three
+    rounds, the buffered floor twice, interleaved (this disk's speed drifts by +-20 % over
+    minutes), then moeconv with sha256 and transformers once. Ratios use medians: one run caught in a slow spell of this VM (see
     CONTENDER_SETTLE_SECONDS) does not move them; every run is printed and kept in the JSON.
     An untimed conversion first leaves the import hint in place, as for any conversion but a
     machine's very first."""
@@ -195,12 +195,13 @@ def compare(src: Path, data: Path, preset: str, kind: str, title: str) -> dict:
     shutil.rmtree(out)
     ours, computed, floors = [], [], {"buffered": [], "direct": []}
     for round_ in range(3):
-        shutil.rmtree(reports, ignore_errors=True)
-        computed.append(run(moeconv(src, out, preset), "moeconv, load report computed", env))
-        shutil.rmtree(out)
-        ours.append(run(moeconv(src, out, preset), "moeconv, load report recalled", env))
-        out_bytes = size_of(out)
-        shutil.rmtree(out)
+        for how in ("computed", "recalled")[:: 1 if round_ % 2 == 0 else -1]:  # which goes first alternates
+            runs = computed if how == "computed" else ours
+            if runs is computed:
+                shutil.rmtree(reports, ignore_errors=True)
+            runs.append(run(moeconv(src, out, preset), f"moeconv, load report {how}", env))
+            out_bytes = size_of(out)
+            shutil.rmtree(out)
         for how, runs in floors.items():
             if how == "buffered" and round_ == 2:
                 continue  # 20-30 s a run here, and never the floor
