@@ -86,15 +86,14 @@ def lookup(planned: dict, config: dict | None) -> dict | None:
     return None if folder is None else _read_if_holds(_entry_path(folder, planned, config))
 
 
-def newest_entry_holds() -> bool:
-    """The most recently kept report's fingerprint still holds (whatever its question): a hint that
-    this run may ask a kept question again."""
+def has_entries() -> bool:
+    """Some report is kept (one folder listing, no fingerprint checked): a hint that this run may ask
+    a kept question again."""
     folder = cache_folder()
     try:
-        newest = max(folder.glob("*.json.gz"), key=lambda p: p.stat().st_mtime_ns, default=None) if folder else None
-    except OSError:  # an entry pruned meanwhile
+        return folder is not None and any(folder.glob("*.json.gz"))
+    except OSError:
         return False
-    return newest is not None and _read_if_holds(newest) is not None
 
 
 def _read_if_holds(entry_path: Path) -> dict | None:

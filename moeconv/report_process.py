@@ -143,16 +143,16 @@ def _child(questions, answerer, *parents_ends) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     gc.disable()  # imports make few cycles; collecting passes over their thousands of new objects (gc: ~4 % of a run's samples)
     # The import starts now, on a thread: the question comes only once the parent has imported torch
-    # and planned, seconds in which this core would idle. Unless the newest kept report still holds:
-    # then this run most likely asks the same question again (a conversion repeated in CI), and an
-    # import would only compete with the parent's (measured: first write 0.8 s later). The hinted
-    # files are read ahead either way: they include torch's, which the parent is importing now (one
-    # timeline without: first write 0.5 s later; 4 interleaved pairs of whole runs: a tie).
+    # and planned, seconds in which this core would idle. Unless reports are kept: then this run
+    # most likely asks a kept question again (a conversion repeated in CI), and an import would only
+    # compete with the parent's. Whether the kept one still holds is checked when the question comes:
+    # its ~6,000 cold stats, made now, delayed the parent's first write by 0.25 s. The hinted files
+    # are read ahead either way: they include torch's, which the parent is importing now.
     hint = read_import_hint()
     if hint:
         threading.Thread(target=prefetch, args=(hint,), daemon=True).start()
     importer = None
-    if not report_cache.newest_entry_holds():
+    if not report_cache.has_entries():
         importer = threading.Thread(target=_import_consumer, args=(hint,), daemon=True)
         importer.start()
     try:
