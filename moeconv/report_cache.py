@@ -86,16 +86,6 @@ def lookup(planned: dict, config: dict | None) -> dict | None:
     return None if folder is None else _read_if_holds(_entry_path(folder, planned, config))
 
 
-def has_entries() -> bool:
-    """Some report is kept (one folder listing, no fingerprint checked): a hint that this run may ask
-    a kept question again."""
-    folder = cache_folder()
-    try:
-        return folder is not None and any(folder.glob("*.json.gz"))
-    except OSError:
-        return False
-
-
 def _read_if_holds(entry_path: Path) -> dict | None:
     try:
         with gzip.open(entry_path, "rb") as file:

@@ -143,18 +143,15 @@ def _child(questions, answerer, *parents_ends) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     gc.disable()  # imports make few cycles; collecting passes over their thousands of new objects (gc: ~4 % of a run's samples)
     # The import starts now, on a thread: the question comes only once the parent has imported torch
-    # and planned, seconds in which this core would idle. Unless reports are kept: then this run
-    # most likely asks a kept question again (a conversion repeated in CI), and an import would only
-    # compete with the parent's. Whether the kept one still holds is checked when the question comes:
-    # its ~6,000 cold stats, made now, delayed the parent's first write by 0.25 s. The hinted files
-    # are read ahead either way: they include torch's, which the parent is importing now.
+    # and planned, seconds in which this core would idle (timed to the first written byte, 4 pairs:
+    # the parent's start is no later for it). When the question's kept report still holds, the
+    # import is dropped midway and costs the conversion nothing more. The hinted files are read
+    # ahead: they include torch's, which the parent is importing now.
     hint = read_import_hint()
     if hint:
         threading.Thread(target=prefetch, args=(hint,), daemon=True).start()
-    importer = None
-    if not report_cache.has_entries():
-        importer = threading.Thread(target=_import_consumer, args=(hint,), daemon=True)
-        importer.start()
+    importer = threading.Thread(target=_import_consumer, args=(hint,), daemon=True)
+    importer.start()
     try:
         question = questions.recv()
     except EOFError:  # the parent stopped before planning
@@ -162,10 +159,7 @@ def _child(questions, answerer, *parents_ends) -> None:
     if (recalled := report_cache.lookup(*question)) is not None:
         answerer.send(("recalled", recalled))
         return  # an import still running on its thread is dropped with the process
-    if importer is None:
-        _import_consumer(hint)
-    else:
-        importer.join()
+    importer.join()
     gc.enable()
     try:
         outcome = ("report", _check_load(*question))
