@@ -9,8 +9,8 @@ thread the import held the GIL the conversion's threads need (3x slower, the con
 
 The child also keeps an import hint (below) so that, from the second run on, the library files
 its import reads are fetched while the disk is still quiet, and it keeps every report it computes
-(report_cache): a later run asking the same question of the same code gets it back without
-importing transformers at all.
+(report_cache): a later run asking the same question of the same code gets it back and drops its
+import midway.
 
 This module imports neither torch nor transformers (that is its point). Without fork (not Linux)
 the report is computed in-process when the plan is submitted. Ctrl-C is the parent's to handle: the
