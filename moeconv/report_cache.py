@@ -18,8 +18,8 @@ of transformers. The fingerprint is:
 Only checked reports are kept (one that says "transformers is not installed" must not outlive an
 install). Entries are JSON, checked field by field when read: a damaged or edited entry is a miss,
 never an error, and cannot run code. MOECONV_REPORT_CACHE=0 turns this off (nothing read or
-written). This module imports neither torch nor transformers: the report child recalls an answer
-before either is imported.
+written). This module imports neither torch nor transformers: the report child looks an answer up
+without waiting for its own import of them.
 """
 
 from __future__ import annotations

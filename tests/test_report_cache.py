@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -153,6 +154,21 @@ def test_the_report_child_recalls_and_keeps_answers(cache):
     recalled = BackgroundReport()
     recalled.submit(planned, config)
     assert recalled.result() == check_load(planned, config) and recalled.result().recalled
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the report is computed in a child only on Linux")
+def test_a_recalled_report_does_not_wait_for_the_childs_import(cache, monkeypatch):
+    """The child starts importing transformers at once; on a hit it answers and exits mid-import."""
+    config = mixtral()
+    planned = meta_planned(config)
+    report_process.answer(planned, config)  # kept
+    monkeypatch.setattr(report_process, "_import_consumer", lambda hint: time.sleep(300))  # before the fork
+    start = time.monotonic()
+    background = BackgroundReport()
+    child = background._process
+    background.submit(planned, config)
+    assert background.result().recalled and background.result() == check_load(planned, config)
+    assert time.monotonic() - start < 60 and not child.is_alive()
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the report is computed in a child only on Linux")
