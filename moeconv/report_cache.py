@@ -1,8 +1,9 @@
 """Load reports recalled from earlier runs, when nothing they depend on has changed.
 
-Computing a load report means importing transformers' modeling code: 5-6 s of CPU on these 2-core
-machines, which a conversion's own threads then lack, and the whole wait of a dry run (a dry run of
-a 2-layer gpt-oss-20b checkpoint: 4.0-4.3 s computed, 1.5 s recalled; benchmarks/RESULTS.md). The
+Computing a load report means importing torch and transformers' modeling code: 5-7 s of CPU on
+these 2-core machines, which a conversion's own threads then lack, and the whole wait of a dry run
+(a dry run of a 2-layer gpt-oss-20b checkpoint: 4.0-4.3 s computed, 1.5 s recalled;
+benchmarks/RESULTS.md). The
 report is a pure function of the question (planned keys, dtypes and shapes; the output's
 config.json) and of the code that answers it. So the first run keeps the answer, in the user's
 cache folder, with a fingerprint of that code, and a later run with the same question recalls it
