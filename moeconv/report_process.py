@@ -221,8 +221,10 @@ class _OpenedFiles:
 
 
 def _on_disk(files: set[str]) -> set[str]:
-    """The absolute paths among `files`, without the kernel's (/proc, /sys, /dev)."""
-    return {f for f in files if f.startswith("/") and not f.startswith(("/proc/", "/sys/", "/dev/"))}
+    """The absolute paths among `files` that are regular files now, without the kernel's (/proc,
+    /sys, /dev). Not the ones gone since: transformers' import probes the temp folder with a file
+    of a random name, which would make every run's list differ and be written again."""
+    return {f for f in files if f.startswith("/") and not f.startswith(("/proc/", "/sys/", "/dev/")) and os.path.isfile(f)}
 
 
 def read_import_hint() -> list[str]:

@@ -357,6 +357,11 @@ def test_the_report_child_records_what_its_import_read_and_the_next_one_prefetch
     assert any("transformers" in f and f.endswith("modeling_utils.py") for f in files)  # sources: their mtime is read
     assert not any(f.startswith(("/proc/", "/sys/", "/dev/")) for f in files)
     assert all(f.startswith("/") for f in files) and files == sorted(set(files))
+    assert all(os.path.isfile(f) for f in files)  # not the temp file transformers' import probes and deletes
+    written = hint.stat().st_mtime_ns
+    again = subprocess.run(command + ["--overwrite"], capture_output=True, text=True, env=os.environ)
+    assert again.returncode == 0, again.stderr
+    assert hint.stat().st_mtime_ns == written  # the same import reads the same files: the hint stands
     os.mkfifo(tmp_path / "fifo")  # a hint is a file anyone with the cache folder can edit: odd entries never hang
     advised = []
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, *args: advised.append(os.readlink(f"/proc/self/fd/{fd}")))
