@@ -181,9 +181,11 @@ def moeconv_cache(data: Path) -> dict:
 
 def compare(src: Path, data: Path, preset: str, kind: str, title: str) -> dict:
     """moeconv twice per round (its load report computed, as in a first conversion of this plan, and
-    recalled, as in a repeated one; which goes first alternates) and the O_DIRECT floor, three
-    rounds, the buffered floor twice, interleaved (this disk's speed drifts by +-20 % over
-    minutes), then moeconv with sha256 and transformers once. Ratios use medians: one run caught in a slow spell of this VM (see
+    recalled, as in a repeated one) and the O_DIRECT floor, four rounds, the buffered floor twice,
+    interleaved (this disk's speed drifts by +-20 % over minutes), then moeconv with sha256 and
+    transformers once. Which of the two moeconv runs goes first alternates, so each goes first
+    twice: in one three-round run the second of a round was the slower in every round, whichever
+    it was. Ratios use medians: one run caught in a slow spell of this VM (see
     CONTENDER_SETTLE_SECONDS) does not move them; every run is printed and kept in the JSON.
     An untimed conversion first leaves the import hint in place, as for any conversion but a
     machine's very first."""
@@ -194,7 +196,7 @@ def compare(src: Path, data: Path, preset: str, kind: str, title: str) -> dict:
     subprocess.run(moeconv(src, out, preset), check=True, capture_output=True, env=env)
     shutil.rmtree(out)
     ours, computed, floors = [], [], {"buffered": [], "direct": []}
-    for round_ in range(3):
+    for round_ in range(4):
         for how in ("computed", "recalled")[:: 1 if round_ % 2 == 0 else -1]:  # which goes first alternates
             runs = computed if how == "computed" else ours
             if runs is computed:
@@ -203,7 +205,7 @@ def compare(src: Path, data: Path, preset: str, kind: str, title: str) -> dict:
             out_bytes = size_of(out)
             shutil.rmtree(out)
         for how, runs in floors.items():
-            if how == "buffered" and round_ == 2:
+            if how == "buffered" and round_ >= 2:
                 continue  # 20-30 s a run here, and never the floor
             runs.append(run(io_floor(src, out_bytes, out, how), f"I/O floor, {how} (read {size_of(src) / 1e9:.2f} GB, write {out_bytes / 1e9:.2f} GB)"))
             shutil.rmtree(out)
