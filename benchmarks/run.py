@@ -11,8 +11,11 @@ Every contender runs as its own subprocess; wall time, user+sys CPU and peak RSS
 CPU utilisation = (user + sys) / wall: above 1.0 means both cores were busy.
 Page cache: as root, `sync; echo 3 > /proc/sys/vm/drop_caches` runs before every contender (cold
 reads for all); otherwise the run says caches were warm for all.
-The I/O floor: read every input .safetensors file once (16 MiB reads) and write the same number of
-bytes as moeconv's output, fsync, in one process: what the job costs with zero compute. Measured
+The I/O floor: read every input .safetensors file once and write the same number of bytes as
+moeconv's output, fsync, in one process: what the job costs with zero compute. Requests are
+FLOOR_REQUEST_BYTES each: this virtual disk moves more the more is in flight (the floor of the
+2-layer gpt-oss job, 3 cold runs each: 5.94 s with 16 MiB requests, 4.89 s with 64 MiB, 4.13 s
+with 256 MiB; rounds before the fifth of 2026-12-02 used 16 MiB and so overstated it). Measured
 two ways, through the page cache (buffered) and with O_DIRECT (as moeconv does, see
 moeconv/directio.py); the faster one is "the floor" every ratio uses.
 """
@@ -44,6 +47,7 @@ SETTLE_SECONDS = 20
 # instead, every contender of one run waited the full minute while the floor and moeconv ran at
 # their usual speed: that best probe was an outlier (served from the host's cache, probably).
 CONTENDER_SETTLE_SECONDS = 2
+FLOOR_REQUEST_BYTES = 256 * 2**20  # see the module docstring
 PROBE_BYTES = 64 * 2**20
 PROBE_PATIENCE = 1.5
 PROBE_GIVE_UP_SECONDS = 60
@@ -143,7 +147,7 @@ def transformers(src: Path, out: Path, kind: str) -> list[str]:
 
 def _floor(how: str, src: str, out_bytes: str, out: str) -> None:
     direct = os.O_DIRECT if how == "direct" else 0
-    buffer = mmap.mmap(-1, 16 * 2**20)  # page-aligned, as O_DIRECT wants
+    buffer = mmap.mmap(-1, FLOOR_REQUEST_BYTES)  # page-aligned, as O_DIRECT wants
     view = memoryview(buffer)
     for path in sorted(Path(src).glob("*.safetensors")):
         fd = os.open(path, os.O_RDONLY | direct)
