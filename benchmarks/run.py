@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from moeconv import report_cache  # torch-free: where moeconv's runs keep their load reports
+
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 DROP = Path("/proc/sys/vm/drop_caches")
@@ -195,7 +197,7 @@ def compare(src: Path, data: Path, preset: str, kind: str, title: str) -> dict:
     machine's very first."""
     print(f"\n{title}: {src.name} ({size_of(src) / 1e9:.2f} GB in)")
     out, env = data / "out", moeconv_cache(data)
-    reports = data / "cache" / "moeconv" / "load-reports"  # moeconv.report_cache.cache_folder() under env
+    reports = report_cache.cache_folder(env)
     shutil.rmtree(out, ignore_errors=True)
     subprocess.run(moeconv(src, out, preset), check=True, capture_output=True, env=env)
     shutil.rmtree(out)
@@ -203,7 +205,7 @@ def compare(src: Path, data: Path, preset: str, kind: str, title: str) -> dict:
     for round_ in range(4):
         for how in ("computed", "recalled")[:: 1 if round_ % 2 == 0 else -1]:  # which goes first alternates
             runs = computed if how == "computed" else ours
-            if runs is computed:
+            if how == "computed":
                 shutil.rmtree(reports, ignore_errors=True)
             runs.append(run(moeconv(src, out, preset), f"moeconv, load report {how}", env))
             out_bytes = size_of(out)

@@ -32,6 +32,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 KEEP_ENTRIES = 64  # most recent entries kept (each ~90 KB: ~6,000 file stats, compressed)
@@ -39,12 +40,16 @@ _FORMAT = 1
 _MAX_ENTRY_BYTES = 64 * 2**20
 
 
-def cache_folder() -> Path | None:
-    """Where entries live (XDG_CACHE_HOME or ~/.cache), or None when turned off."""
-    if os.environ.get("MOECONV_REPORT_CACHE") == "0":
+def user_cache(environ: Mapping[str, str] = os.environ) -> Path:
+    """moeconv's folder in the user's cache: under XDG_CACHE_HOME, else ~/.cache."""
+    return Path(environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")) / "moeconv"
+
+
+def cache_folder(environ: Mapping[str, str] = os.environ) -> Path | None:
+    """Where entries live (see user_cache) for a process with this environment, or None when turned off."""
+    if environ.get("MOECONV_REPORT_CACHE") == "0":
         return None
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "moeconv" / "load-reports"
+    return user_cache(environ) / "load-reports"
 
 
 def _entry_path(folder: Path, planned: dict, config: dict | None) -> Path:

@@ -193,9 +193,8 @@ def hint_path() -> Path | None:
     """Where this interpreter's hint lives (XDG_CACHE_HOME or ~/.cache), or None when turned off."""
     if os.environ.get("MOECONV_IMPORT_HINT") == "0":
         return None
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     key = hashlib.sha256(f"{sys.executable}\0{sys.version}".encode()).hexdigest()[:16]
-    return Path(base) / "moeconv" / f"report-imports-{key}.txt"
+    return report_cache.user_cache() / f"report-imports-{key}.txt"
 
 
 def loaded_files() -> set[str]:
