@@ -193,6 +193,15 @@ def plan_shards(tensors: list[TensorSpec], max_shard_size: int, align: int = 16)
     return [layout_shard(name, group, align) for name, group in zip(shard_names(len(groups)), groups)]
 
 
+def fsync_file(path: Path) -> None:
+    """fsync a file by path (one written earlier with fsync left for later)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -311,8 +320,9 @@ class ShardWriter:
         self._done += view.nbytes
         del keep
 
-    def finish(self) -> Path:
-        """Check every tensor got exactly its bytes, fsync, rename to the final name; the final path."""
+    def finish(self, *, sync: bool = True) -> Path:
+        """Check every tensor got exactly its bytes, fsync (unless not `sync`), rename to the final
+        name; the final path."""
         order = self.layout.order
         position, done = self._index, self._done
         while position < len(order) and done == order[position].nbytes:
@@ -327,7 +337,8 @@ class ShardWriter:
             if written != self.layout.size:
                 self.close()
                 raise self._fail(f"file is {written} bytes, the layout says {self.layout.size}")
-            os.fsync(self._fd)
+            if sync:
+                os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None
             os.replace(self.temp, self.final)
@@ -335,7 +346,8 @@ class ShardWriter:
             self.close()
             raise WriteError(f"{self.final}: cannot complete the file: {error.strerror or error}") from None
         self._finished = True
-        _fsync_dir(self.out_dir)
+        if sync:
+            _fsync_dir(self.out_dir)
         return self.final
 
     def close(self) -> None:
@@ -366,8 +378,8 @@ def _temp_file(final: Path) -> tuple[int, str]:
     return fd, temp
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temp file in the same folder, fsync and rename."""
+def atomic_write_bytes(path: Path, data: bytes, *, sync: bool = True) -> None:
+    """Write `data` to `path` via a temp file in the same folder, fsync (unless not `sync`) and rename."""
     path = Path(path)
     try:
         fd, temp = _temp_file(path)
@@ -377,7 +389,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
-            os.fsync(handle.fileno())
+            if sync:
+                os.fsync(handle.fileno())
         os.replace(temp, path)
     except OSError as error:
         Path(temp).unlink(missing_ok=True)
@@ -385,7 +398,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    if sync:
+        _fsync_dir(path.parent)
 
 
 def write_index(out_dir: Path, layouts: list[ShardLayout]) -> Path | None:

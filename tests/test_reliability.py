@@ -329,6 +329,40 @@ def test_failure_in_first_shard_leaves_an_empty_folder(single, tmp_path, monkeyp
     assert list(out.iterdir()) == []  # no journal either: nothing to resume
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names fds through /proc")
+def test_shards_are_fsynced_once_at_the_end_before_any_final_name(single, tmp_path, monkeypatch):
+    """One disk flush per run, not one per shard: no shard is fsynced while another is being
+    written, and every shard is fsynced before the first gets its final name."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace, real_init = os.fsync, os.replace, ShardWriter.__init__
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst, **kwargs):
+        events.append(("replace", str(dst)))
+        return real_replace(src, dst, **kwargs)
+
+    def init(self, out_dir, layout, *args, **kwargs):
+        events.append(("open", layout.name))
+        return real_init(self, out_dir, layout, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(ShardWriter, "__init__", init)
+    out = tmp_path / "out"
+    assert convert(single, out, "-p", "fuse-experts", "--max-shard-size", "20KB").exit_code == 0
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) >= 3
+    synced = [i for i, (kind, path) in enumerate(events) if kind == "fsync" and path.endswith(".safetensors.staged")]
+    assert sorted(Path(events[i][1]).name for i in synced) == [f".{name}.staged" for name in shards]  # each once
+    last_open = max(i for i, (kind, _) in enumerate(events) if kind == "open")
+    first_final = min(i for i, (kind, path) in enumerate(events) if kind == "replace" and Path(path).name in shards)
+    assert last_open < min(synced) and max(synced) < first_final
+    assert (out / REPORT_NAME).exists()
+
+
 def test_file_size_limit_in_a_real_process(single, tmp_path):
     out = tmp_path / "out"
 
