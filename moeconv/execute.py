@@ -407,11 +407,11 @@ def execute(
     # Finished shards wait under hidden staged names, recorded in the journal, until every shard is
     # done; only then do they all get their final names (then index, config, report). So a failed
     # or interrupted run never leaves a final-named shard, and --resume can keep what was finished.
-    # Shards and journal are fsynced once, at the end, not as each shard finishes: on this kind of
-    # virtual disk every fsync flushed the disk's cache for 0.3-1.3 s with nothing else moving (2-layer
-    # gpt-oss: 0.83 + 1.30 s for its two shards, 3.6 s for six 1 GB ones), and the I/O floor pays one. A process that dies keeps them
-    # all (the page cache outlives it); after a machine crash, --resume re-hashes every shard the
-    # journal lists and redoes any that did not survive whole.
+    # The shards are fsynced together at the end, not each as it finishes, and the journal never:
+    # on this kind of virtual disk every fsync flushed the disk's cache for 0.3-1.4 s with nothing
+    # else moving (2-layer gpt-oss: 0.83 + 1.30 s for its two shards), and the I/O floor pays one.
+    # A process that dies keeps them all (the page cache outlives it); after a machine crash,
+    # --resume re-hashes every shard the journal lists and redoes any that did not survive whole.
     finished = dict(kept)
     _write_journal(out_dir, fingerprint, checksum, finished)
     position = 0
