@@ -6,7 +6,6 @@
     python benchmarks/ab.py before=/tmp/before after=. --report computed -- --max-shard-size 1GB
     (after --: more `moeconv convert` options, for every tree)
 
-Every change to the conversion's speed in RESULTS.md since the sixth round was measured this way.
 Each tree runs as `PYTHONPATH=TREE python -m moeconv convert ...` through run.py's `run` (page
 cache dropped as root, the disk probed back to speed, wall time from the child's rusage). The order
 of the trees alternates from round to round: on this VM the disk drifts by +-25 % over minutes,
