@@ -58,11 +58,15 @@ def main() -> int:
     cut = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:cut])
     args.extra = argv[cut + 1 :]  # more `moeconv convert` options, for every tree
+    if args.pairs < 1:
+        parser.error("--pairs must be at least 1")
     trees = {}
     for item in args.trees:
         name, sep, tree = item.partition("=")
         if not sep or not name or not (Path(tree) / "moeconv" / "__init__.py").is_file():
             parser.error(f"{item!r}: give NAME=TREE, TREE a folder holding the moeconv package")
+        if name in trees:
+            parser.error(f"{name!r} names two trees")
         trees[name] = Path(tree).resolve()
     vocab = None if args.model == "mixtral-8x7b" else args.vocab
     preset = args.preset or ("fuse-experts" if args.model == "mixtral-8x7b" else "gpt-oss-bf16")
