@@ -70,7 +70,7 @@ def main() -> int:
         trees[name] = Path(tree).resolve()
     vocab = None if args.model == "mixtral-8x7b" else args.vocab
     preset = args.preset or ("fuse-experts" if args.model == "mixtral-8x7b" else "gpt-oss-bf16")
-    bench._probe["path"] = args.data / "disk-probe.bin"  # run() probes the disk with it before every run
+    bench.use_data(args.data)
     src, out = bench.make(args.data, args.model, args.layers, vocab), args.data / "ab-out"
 
     def command() -> list[str]:

@@ -97,6 +97,13 @@ def wait_for_disk() -> float:
         took = probe_disk()
 
 
+def use_data(data: Path) -> None:
+    """Keep checkpoints and the disk probe in `data`, and take the first probes before anything heavy runs."""
+    data.mkdir(parents=True, exist_ok=True)
+    _probe["path"] = data / "disk-probe.bin"
+    wait_for_disk()
+
+
 def run(cmd: list[str], label: str, env: dict | None = None) -> dict:
     """One contender as a subprocess: wall, cpu, peak RSS (its own rusage)."""
     cold = drop_caches()
@@ -325,9 +332,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write every figure here")
     parser.add_argument("--only", action="append", choices=SECTIONS, help="run this section of the full set (repeatable)")
     args = parser.parse_args()
-    args.data.mkdir(parents=True, exist_ok=True)
-    _probe["path"] = args.data / "disk-probe.bin"
-    wait_for_disk()  # the first probes: taken before anything heavy ran
+    use_data(args.data)
     cold = drop_caches()
     print(f"{os.cpu_count()} cores; page cache {'dropped before every contender' if cold else 'WARM for all contenders (not root)'}")
     results: dict = {"cores": os.cpu_count(), "cold_cache": cold}
