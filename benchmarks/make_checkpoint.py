@@ -103,7 +103,7 @@ def write_checkpoint(out: Path, specs: list[TensorSpec], *, max_shard_size: int 
 def gpt_oss(out: Path, width: str, layers: int, vocab: int) -> int:
     dims = {**GPT_OSS[width], "layers": layers, "vocab": vocab}
     layout = ex.hub_layout(**dims)
-    specs = [TensorSpec(key, dtypes.TORCH_TO_SAFETENSORS[dtype], shape) for key, (dtype, shape) in layout.items()]
+    specs = [TensorSpec(key, dtypes.to_safetensors(dtype), shape) for key, (dtype, shape) in layout.items()]
     total = write_checkpoint(out, specs)
     ex.write_json(out / "config.json", ex.hub_config(**dims))
     ex.write_json(out / "generation_config.json", ex.GENERATION_CONFIG)

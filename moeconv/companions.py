@@ -5,16 +5,13 @@ import fnmatch
 from collections.abc import Iterable
 from pathlib import Path
 
-import torch
+from moeconv import dtypes
 
 # Root-level files copied next to the output shards: configs, tokenizer and chat template files.
 COMPANION_PATTERNS = ("*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken", "LICENSE*", "USAGE_POLICY*")
 # Never copied: weight indexes (we write our own), our own report, anything larger than this.
 SKIPPED = {"config.json", "model.safetensors.index.json", "moeconv-report.json"}
 MAX_COMPANION_BYTES = 64 * 2**20
-
-TORCH_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
-
 
 def companion_files(root: Path, listing: dict[str, int | None] | None = None) -> list[str]:
     """Names of the small root-level files to copy (never from subfolders such as original/).
@@ -31,9 +28,9 @@ def companion_files(root: Path, listing: dict[str, int | None] | None = None) ->
     return names
 
 
-def output_config(config: dict | None, tensors: Iterable, dtype: torch.dtype | None) -> dict | None:
+def output_config(config: dict | None, tensors: Iterable, dtype: str | None) -> dict | None:
     """config.json for the output: quantization_config dropped when nothing quantized is left,
-    and the dtype field set to what was written."""
+    and the dtype field set to what was written (`dtype`: --dtype as a safetensors name)."""
     if config is None:
         return None
     out = copy.deepcopy(config)
@@ -44,7 +41,7 @@ def output_config(config: dict | None, tensors: Iterable, dtype: torch.dtype | N
     if dequantized:
         del out["quantization_config"]
     if dtype is not None or dequantized:
-        written = TORCH_DTYPE_NAMES[dtype or torch.bfloat16]
+        written = dtypes.CONFIG_NAMES[dtype or "BF16"]
         out["dtype"] = written
         if "torch_dtype" in out:
             out["torch_dtype"] = written

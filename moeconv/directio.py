@@ -9,12 +9,16 @@ device's block; ALIGN (4096) covers every common device. Where a filesystem refu
 some FUSE mounts; macOS has no O_DIRECT) the same calls fall back to buffered I/O: same bytes.
 """
 
+from __future__ import annotations  # torch is imported by whoever hands over a tensor
+
 import errno
 import fcntl
 import mmap
 import os
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 ALIGN = 4096
 O_DIRECT = getattr(os, "O_DIRECT", 0)
@@ -53,17 +57,11 @@ def open_direct(path: os.PathLike | str) -> int | None:
         raise
 
 
-def aligned(buffer: torch.Tensor, nbytes: int) -> torch.Tensor:
-    """The first `nbytes` of uint8 `buffer` (at least nbytes + ALIGN long) that start at an ALIGN-aligned address."""
-    skip = -buffer.data_ptr() % ALIGN
-    return buffer[skip : skip + nbytes]
-
-
-def pread_direct(fd: int, window: torch.Tensor, offset: int, needed: int) -> bool:
-    """Fill aligned uint8 `window` from aligned `offset` of O_DIRECT `fd`, stopping once `needed`
-    bytes are in or at the end of the file. False when the read cannot go direct (the filesystem
-    refused an aligned request, or a short read left an unaligned remainder): read buffered."""
-    view = memoryview(window.numpy())
+def pread_direct(fd: int, view: memoryview, offset: int, needed: int) -> bool:
+    """Fill page-aligned byte `view` (buffers.window) from aligned `offset` of O_DIRECT `fd`,
+    stopping once `needed` bytes are in or at the end of the file. False when the read cannot go
+    direct (the filesystem refused an aligned request, or a short read left an unaligned
+    remainder): read buffered."""
     done = 0
     while done < needed:
         if done % ALIGN:
@@ -89,7 +87,7 @@ class Appender:
         self.fd = fd
         self.direct = set_direct(fd, True)
         self._stage = mmap.mmap(-1, STAGE_BYTES)  # anonymous maps are page-aligned
-        self._staged = torch.frombuffer(self._stage, dtype=torch.uint8)
+        self._staged: torch.Tensor | None = None  # the stage as a tensor, once a tensor is appended
         self._fill = 0
         self.size = 0  # bytes appended
 
@@ -97,7 +95,13 @@ class Appender:
         """Append the bytes of flat byte `view`; `tensor` (optional): the contiguous tensor they belong to."""
         total, done = view.nbytes, 0
         # Big copies go through torch, which releases the GIL that the compute threads need.
-        flat = tensor.reshape(-1).view(torch.uint8) if tensor is not None and total >= COPY_WITH_TORCH else None
+        flat = None
+        if tensor is not None and total >= COPY_WITH_TORCH:
+            import torch
+
+            flat = tensor.reshape(-1).view(torch.uint8)
+            if self._staged is None:
+                self._staged = torch.frombuffer(self._stage, dtype=torch.uint8)
         while done < total:
             take = min(total - done, STAGE_BYTES - self._fill)
             if flat is None:

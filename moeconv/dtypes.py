@@ -1,66 +1,97 @@
-"""safetensors dtype names, their torch dtypes and sizes, and the user-facing dtype spellings."""
+"""safetensors dtype names, their sizes and torch dtypes, and the user-facing dtype spellings.
 
-import torch
+Plans speak in safetensors names ("BF16") and never import torch: a conversion plans and starts
+copying the tensors that need no op while torch is still being imported (see execute)."""
 
 from moeconv.errors import MoeconvError
 
-# safetensors name -> torch dtype. Only byte-sized element types: sub-byte names (F4, F6_*) are
-# refused by the reader rather than guessed at. MXFP4 is written as U8 (see DESIGN.md).
-SAFETENSORS_TO_TORCH: dict[str, torch.dtype] = {
-    "BOOL": torch.bool,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "I16": torch.int16,
-    "U16": torch.uint16,
-    "I32": torch.int32,
-    "U32": torch.uint32,
-    "I64": torch.int64,
-    "U64": torch.uint64,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
+# safetensors name -> bytes per element. Only byte-sized element types: sub-byte names (F4, F6_*)
+# are refused by the reader rather than guessed at. MXFP4 is written as U8 (see DESIGN.md).
+ITEMSIZE: dict[str, int] = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "I16": 2,
+    "U16": 2,
+    "I32": 4,
+    "U32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F16": 2,
+    "BF16": 2,
+    "F32": 4,
+    "F64": 8,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E8M0": 1,
 }
-if hasattr(torch, "float8_e8m0fnu"):
-    SAFETENSORS_TO_TORCH["F8_E8M0"] = torch.float8_e8m0fnu
+FLOATS = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2", "F8_E8M0"}
 
-TORCH_TO_SAFETENSORS: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_TO_TORCH.items()}
-
-# What users may type for --dtype and in recipes.
-USER_DTYPES: dict[str, torch.dtype] = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "float": torch.float32,
+# safetensors name -> torch attribute (looked up once torch is imported)
+_TORCH_NAMES = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "I16": "int16",
+    "U16": "uint16",
+    "I32": "int32",
+    "U32": "uint32",
+    "I64": "int64",
+    "U64": "uint64",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F32": "float32",
+    "F64": "float64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E8M0": "float8_e8m0fnu",
 }
+
+# What users may type for --dtype and in recipes -> safetensors name.
+USER_DTYPES: dict[str, str] = {
+    "bf16": "BF16",
+    "bfloat16": "BF16",
+    "fp16": "F16",
+    "float16": "F16",
+    "half": "F16",
+    "fp32": "F32",
+    "float32": "F32",
+    "float": "F32",
+}
+SHORT_NAMES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}  # how a user dtype is shown back
+CONFIG_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}  # config.json's "dtype"
 
 
 def itemsize(name: str) -> int:
     """Bytes per element of a safetensors dtype name."""
-    return SAFETENSORS_TO_TORCH[name].itemsize
+    return ITEMSIZE[name]
 
 
-def to_torch(name: str) -> torch.dtype:
-    """torch dtype of a safetensors dtype name."""
-    return SAFETENSORS_TO_TORCH[name]
+def is_float(name: str) -> bool:
+    return name in FLOATS
 
 
-def to_safetensors(dtype: torch.dtype) -> str:
+def to_torch(name: str):
+    """torch dtype of a safetensors dtype name (imports torch)."""
+    import torch
+
+    dtype = getattr(torch, _TORCH_NAMES[name], None)
+    if dtype is None:
+        raise MoeconvError(f"dtype {name} needs a newer torch (torch {torch.__version__} has no {_TORCH_NAMES[name]})")
+    return dtype
+
+
+def to_safetensors(dtype) -> str:
     """safetensors dtype name of a torch dtype."""
-    try:
-        return TORCH_TO_SAFETENSORS[dtype]
-    except KeyError:
-        raise MoeconvError(f"dtype {dtype} cannot be written to safetensors") from None
+    name = str(dtype).removeprefix("torch.")
+    for key, torch_name in _TORCH_NAMES.items():
+        if torch_name == name:
+            return key
+    raise MoeconvError(f"dtype {dtype} cannot be written to safetensors")
 
 
-def parse_user_dtype(text: str) -> torch.dtype:
-    """'bf16' / 'fp16' / 'fp32' (and their long spellings) -> torch dtype, or a clear error."""
+def parse_user_dtype(text: str) -> str:
+    """'bf16' / 'fp16' / 'fp32' (and their long spellings) -> safetensors name, or a clear error."""
     try:
         return USER_DTYPES[text.lower()]
     except KeyError:

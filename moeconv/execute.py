@@ -6,9 +6,15 @@ MOECONV_THREADS to choose) produce chunks a few ahead, handed to a writer thread
 queue in write order (preads, torch kernels and file writes all release the GIL). Memory stays
 bounded by the chunks in flight, and those live in recycled buffers (buffers.py): fresh pages
 cost more than the kernels.
+
+Pass-through tensors (no op, no cast) are copied as bytes and need no torch. Importing torch takes
+1-2 s cold, so it starts on a thread as the run begins (when any tensor needs an op) and the
+copies at the front of the first shard (embeddings, lm_head) go to disk meanwhile; the first
+computed chunk waits for the import.
 """
 
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -22,13 +28,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
-import torch
-
-from moeconv import buffers
+from moeconv import buffers, dtypes
 from moeconv.checksum import DEFAULT as DEFAULT_CHECKSUM
 from moeconv.checksum import file_checksum, new_hasher
 from moeconv.errors import InternalError, MoeconvError, OpError, WriteError
-from moeconv.graph import chunk_rows
+from moeconv.graph import SourceNode, chunk_rows
 from moeconv.plan import Plan, PlannedTensor
 from moeconv.writer import INDEX_NAME, ShardWriter, _fsync_dir, atomic_write_bytes, fsync_file, write_index
 
@@ -81,8 +85,20 @@ def _chunks(tensor: PlannedTensor, budget: int):
         yield Chunk(start, min(start + step, node.shape[0]))
 
 
+def copies_bytes(tensor: PlannedTensor) -> bool:
+    """A pass-through tensor: its chunks are the source's bytes (memoryviews, no torch)."""
+    return isinstance(tensor.node, SourceNode)
+
+
 def _produce(tensor: PlannedTensor, rows: Chunk | None):
+    """Chunk `rows` of the tensor: a contiguous tensor, or bytes for a pass-through."""
     node = tensor.node
+    if copies_bytes(tensor):
+        if rows is None:
+            return node.checkpoint.read_bytes(node.key)
+        if rows.inner is None:
+            return node.checkpoint.read_bytes(node.key, rows.start, rows.stop)
+        return node.checkpoint.read_bytes(node.key, *rows.inner, within=rows.start)
     try:
         if rows is None:
             chunk = node.whole()
@@ -93,7 +109,7 @@ def _produce(tensor: PlannedTensor, rows: Chunk | None):
     except OpError as error:  # data-dependent problems (fp16 overflow) only show up here
         raise OpError(f"'{tensor.key}' (rule '{'/'.join(tensor.rules)}'): {error}") from None
     expected = node.shape if rows is None else rows.shape(node.shape)
-    if tuple(chunk.shape) != tuple(expected) or chunk.dtype != node.dtype:
+    if tuple(chunk.shape) != tuple(expected) or dtypes.to_safetensors(chunk.dtype) != node.dtype:
         raise InternalError(
             f"rule '{'/'.join(tensor.rules) or 'pass-through'}' produced {chunk.dtype} {list(chunk.shape)} for "
             f"'{tensor.key}' rows {rows}, the plan says {node.dtype} {list(expected)}: this is a moeconv bug"
@@ -112,7 +128,7 @@ def _jobs(plan: Plan, layout, chunk_bytes: int):
 
 def _chunk_bytes(tensor: PlannedTensor, rows: Chunk | None) -> int:
     node = tensor.node
-    return node.nbytes if rows is None else math.prod(rows.shape(node.shape)) * node.dtype.itemsize
+    return node.nbytes if rows is None else math.prod(rows.shape(node.shape)) * dtypes.itemsize(node.dtype)
 
 
 def _compute_threads() -> int:
@@ -127,12 +143,40 @@ def _compute_threads() -> int:
 
 
 def _worker_thread(niceness: int) -> None:
-    """Set up a compute or writer thread. torch kernels on it run on it alone (OpenMP's setting is
-    per thread): the pool's threads already fill the cores, and OpenMP teams on top spun idle for
-    ~10 % of all CPU time. `niceness`: lower this thread's CPU priority (Linux: per thread)."""
-    torch.set_num_threads(1)
+    """Set up a compute or writer thread. `niceness`: lower its CPU priority (Linux: per thread)."""
     if niceness and sys.platform == "linux":
         os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) + niceness)
+
+
+_thread_state = threading.local()
+
+
+def _torch_on_this_thread_alone() -> None:
+    """Before a worker thread's first torch work: its kernels run on it alone (OpenMP's setting is
+    per thread): the pool's threads already fill the cores, and OpenMP teams on top spun idle for
+    ~10 % of all CPU time. Here rather than at thread start, which would wait for torch's import."""
+    if not getattr(_thread_state, "single", False):
+        import torch
+
+        torch.set_num_threads(1)
+        _thread_state.single = True
+
+
+def _produce_on_worker(tensor: PlannedTensor, rows: Chunk | None):
+    if not copies_bytes(tensor):
+        _torch_on_this_thread_alone()
+    return _produce(tensor, rows)
+
+
+def import_torch_early(plan: Plan) -> threading.Thread | None:
+    """Start importing torch (and the MXFP4 kernel) on a thread, when some tensor of the plan needs
+    it: the pass-through copies ahead of it go on meanwhile. The first use of torch elsewhere
+    waits for this import to finish (Python's import lock); None when nothing needs torch."""
+    if all(copies_bytes(t) for t in plan.tensors.values()):
+        return None
+    thread = threading.Thread(target=importlib.import_module, args=("moeconv.mxfp4",), name="moeconv-import", daemon=True)
+    thread.start()
+    return thread
 
 
 class _ComputePool:
@@ -159,7 +203,7 @@ class _ComputePool:
                 while pending and (len(pending) > self.threads or sum(p[3] for p in pending) + size > self.budget):
                     done, future, done_last, _ = pending.popleft()
                     yield done, future.result(), done_last
-                pending.append((tensor, self.pool.submit(_produce, tensor, rows), last, size))
+                pending.append((tensor, self.pool.submit(_produce_on_worker, tensor, rows), last, size))
             while pending:
                 done, future, done_last, _ = pending.popleft()
                 yield done, future.result(), done_last
@@ -189,9 +233,11 @@ class _BackgroundWriter:
                 continue  # drain after a failure
             key, chunk = item
             try:
+                if not isinstance(chunk, memoryview):
+                    _torch_on_this_thread_alone()  # the stage copy goes through torch
                 self.writer.write(key, chunk)
                 if self.progress:
-                    self.progress(self.shard, chunk.numel() * chunk.element_size())
+                    self.progress(self.shard, chunk.nbytes if isinstance(chunk, memoryview) else chunk.numel() * chunk.element_size())
             except BaseException as error:  # handed to the main thread in put()/close()
                 self.error = error
 
@@ -399,6 +445,7 @@ def execute(
         raise WriteError(f"{plan.source.origin}: --low-disk deletes input shards, so it only works on hub repo ids, never on local files")
     new_hasher(checksum)  # an unknown algorithm fails before anything is touched
     threads = _compute_threads()
+    import_torch_early(plan)
     fingerprint = plan_fingerprint(plan, checksum)
     kept = prepare_output(out_dir, plan.source.root, overwrite, resume=resume, fingerprint=fingerprint, checksum=checksum)
     release, peak_input = input_schedule(plan) if low_disk else ({}, 0)

@@ -1,6 +1,6 @@
 """Lazy tensors: what the plan builds and the executor pulls rows from.
 
-A node knows its dtype and shape without data (ops are inferred on the meta device) and produces
+A node knows its dtype (a safetensors name) and shape without data (ops' shape rules) and produces
 rows start:stop of its first axis on demand. Ops that leave axis 0 alone are applied to the same
 rows of their inputs, so a [128, 2880, 5760] output is computed expert by expert and memory stays
 bounded by a chunk. Ops that act on axis 0 route rows where they can (stack, concat, split,
@@ -8,25 +8,29 @@ unstack along dim 0); anything else is computed whole once and sliced (`material
 the plan reports it).
 """
 
+from __future__ import annotations  # torch is imported by the first op that runs, not here
+
 import math
 import threading
+from typing import TYPE_CHECKING
 
-import torch
+from moeconv import dtypes, ops
 
-from moeconv import ops
+if TYPE_CHECKING:
+    import torch
 
 
 class Node:
     """A tensor that can be produced in row blocks of its first axis."""
 
-    dtype: torch.dtype
+    dtype: str  # safetensors name
     shape: tuple[int, ...]
     materializes: bool = False  # computed whole before slicing (memory grows with this tensor)
     splits_rows: bool = False  # rows_within reads only what it returns (a huge row can be chunked)
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
+        return math.prod(self.shape) * dtypes.itemsize(self.dtype)
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows start:stop of axis 0 (only for tensors with at least one dimension)."""
@@ -51,7 +55,7 @@ class SourceNode(Node):
 
     splits_rows = True
 
-    def __init__(self, checkpoint, key: str, dtype: torch.dtype, shape: tuple[int, ...]):
+    def __init__(self, checkpoint, key: str, dtype: str, shape: tuple[int, ...]):
         self.checkpoint, self.key, self.dtype, self.shape = checkpoint, key, dtype, shape
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
@@ -68,7 +72,7 @@ class SourceNode(Node):
 class OpNode(Node):
     """Output `index` of a registered op applied to input nodes."""
 
-    def __init__(self, op: str, params: dict, inputs: list[Node], index: int, dtype: torch.dtype, shape: tuple):
+    def __init__(self, op: str, params: dict, inputs: list[Node], index: int, dtype: str, shape: tuple):
         self.op, self.params, self.inputs, self.index = op, params, inputs, index
         self.dtype, self.shape = dtype, tuple(shape)
         in_ndim = len(inputs[0].shape)
@@ -140,7 +144,7 @@ class OpNode(Node):
             node.release()
 
 
-def infer_outputs(op: str, params: dict, inputs: list[Node]) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+def infer_outputs(op: str, params: dict, inputs: list[Node]) -> list[ops.Spec]:
     """Output dtypes and shapes of an op on these inputs, from metadata only."""
     return ops.infer(op, [(node.dtype, node.shape) for node in inputs], params)
 

@@ -21,7 +21,7 @@ How it is fast and exact (~30x transformers on one core; `python benchmarks/run.
 
 import torch
 
-from moeconv import buffers
+from moeconv import buffers, dtypes
 from moeconv.errors import OpError
 
 # E2M1 code -> value (index = 4-bit code; bit 3 is the sign).
@@ -55,15 +55,10 @@ def _pair_table(dtype: torch.dtype) -> torch.Tensor:
 
 
 def _check_inputs(blocks: torch.Tensor, scales: torch.Tensor) -> None:
-    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
-        raise OpError(f"dequantize-mxfp4: blocks and scales must be U8, got {blocks.dtype} and {scales.dtype}")
-    if blocks.dim() < 2 or blocks.shape[-1] != 16:
-        raise OpError(f"dequantize-mxfp4: blocks must be [..., G, 16], got {list(blocks.shape)}")
-    if tuple(blocks.shape[:-1]) != tuple(scales.shape):
-        raise OpError(
-            f"dequantize-mxfp4: scales {list(scales.shape)} must equal blocks' shape without the last dim "
-            f"{list(blocks.shape[:-1])}"
-        )
+    """The op's own shape rule (ops.py) checks dtypes and shapes."""
+    from moeconv import ops
+
+    ops.infer("dequantize-mxfp4", [(dtypes.to_safetensors(t.dtype), tuple(t.shape)) for t in (blocks, scales)], {})
 
 
 def _chunk(blocks: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, index: torch.Tensor, shifted: torch.Tensor) -> None:

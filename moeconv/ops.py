@@ -1,6 +1,9 @@
 """Ops: small pure tensor functions registered by name. Their keyword-only parameters ARE the schema
-recipes are checked against (`check_params`), and every op also runs on the meta device, so the plan
-learns output dtypes and shapes without data (`infer`).
+recipes are checked against (`check_params`). Each op also has a shape rule: output dtypes and
+shapes from input ones, in pure Python, so the plan learns them without data and without torch
+(`infer`; a conversion plans and starts copying while torch is still being imported). The rule
+also checks the inputs, for planning and running alike; tests hold every rule to the kernel's real
+output.
 
 An op receives whole tensors or row blocks of their leading axis (the executor streams expert by
 expert): `Op.touches_leading_axis(params, ndim)` says whether op(x[a:b]) can differ from op(x)[a:b],
@@ -9,26 +12,31 @@ in which case the executor must route rows itself or materialize the tensor.
 Every output is contiguous: its bytes are written as they are.
 """
 
+from __future__ import annotations  # kernels annotate with torch types; torch is imported when one runs
+
 import difflib
 import inspect
 import typing
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
-import torch
-
-from moeconv import buffers, mxfp4
+from moeconv import dtypes
 from moeconv.dtypes import USER_DTYPES
 from moeconv.errors import OpError, RecipeError
 
+if TYPE_CHECKING:
+    import torch
+
 DtypeName = Literal[tuple(USER_DTYPES)]  # "bf16", "bfloat16", "fp16", ... (one list, in dtypes.py)
 Order = Literal["gate-first", "up-first"]
+Spec = tuple[str, tuple[int, ...]]  # (safetensors dtype name, shape) of a tensor, without its data
 
 
 @dataclass(frozen=True)
 class Op:
     name: str
     fn: Callable  # fn(*tensors, **params) -> Tensor | tuple[Tensor, ...]
+    shape: Callable  # shape(specs, **params) -> [Spec, ...]: fn's outputs; raises OpError on bad inputs
     n_inputs: int | None  # exact number of input tensors; None = one or more
     inverse: str | None  # name of the inverse op, None when there is none (lossy)
     doc: str  # one line, shown by `moeconv ops` and in recipe errors
@@ -57,12 +65,13 @@ class Op:
 OPS: dict[str, Op] = {}
 
 
-def register(name: str, *, inverse: str | None = None, n_inputs: int | None = 1, leading: Callable[[dict, int], bool]):
-    """Decorator: register fn as op `name`. `leading(params, ndim)` answers touches_leading_axis."""
+def register(name: str, *, shape: Callable, inverse: str | None = None, n_inputs: int | None = 1, leading: Callable[[dict, int], bool]):
+    """Decorator: register fn as op `name`, `shape` its shape rule. `leading(params, ndim)` answers
+    touches_leading_axis."""
 
     def decorate(fn: Callable) -> Callable:
         doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        OPS[name] = Op(name, fn, n_inputs, inverse, doc, leading)
+        OPS[name] = Op(name, fn, shape, n_inputs, inverse, doc, leading)
         return fn
 
     return decorate
@@ -79,6 +88,11 @@ def get_op(name: str) -> Op:
 
 
 # ---- parameter schema ---------------------------------------------------------------------------
+
+
+def _param_hints(op: Op) -> dict:
+    """The keyword-only parameters' annotations, evaluated (the tensor ones would need torch)."""
+    return {name: eval(p.annotation, op.fn.__globals__) for name, p in op.params().items()}  # noqa: S307 (our own source)
 
 
 def _describe(annotation) -> str:
@@ -105,7 +119,7 @@ def check_params(op_name: str, params: dict) -> dict:
     """Validate names and types against the op's keyword-only signature; returns params with defaults."""
     op = get_op(op_name)
     schema = op.params()
-    hints = typing.get_type_hints(op.fn)
+    hints = _param_hints(op)
     allowed = ", ".join(
         f"{n} ({_describe(hints[n])}{', required' if p.default is inspect.Parameter.empty else f', default {p.default!r}'})"
         for n, p in schema.items()
@@ -132,26 +146,27 @@ def check_params(op_name: str, params: dict) -> dict:
 # ---- running ------------------------------------------------------------------------------------
 
 
-def apply(op_name: str, tensors: list[torch.Tensor], params: dict) -> list[torch.Tensor]:
-    """Run op on tensors; always returns a list (split/unstack return several)."""
+def _checked(op_name: str, specs: list[Spec], params: dict) -> tuple[Op, dict, list[Spec]]:
+    """The op, its parameters with defaults, and its output specs; OpError/RecipeError on bad input."""
     op = get_op(op_name)
     checked = check_params(op_name, params)
-    if op.n_inputs is None and not tensors:
+    if op.n_inputs is None and not specs:
         raise OpError(f"{op_name}: needs at least one input tensor")
-    if op.n_inputs is not None and len(tensors) != op.n_inputs:
-        raise OpError(f"{op_name}: takes {op.n_inputs} input tensor(s), got {len(tensors)}")
+    if op.n_inputs is not None and len(specs) != op.n_inputs:
+        raise OpError(f"{op_name}: takes {op.n_inputs} input tensor(s), got {len(specs)}")
+    return op, checked, op.shape(specs, **checked)
+
+
+def infer(op_name: str, specs: list[Spec], params: dict) -> list[Spec]:
+    """Output (safetensors dtype, shape)s of an op from its inputs' alone (pure Python, no torch)."""
+    return _checked(op_name, [(dtype, tuple(shape)) for dtype, shape in specs], params)[2]
+
+
+def apply(op_name: str, tensors: list[torch.Tensor], params: dict) -> list[torch.Tensor]:
+    """Run op on tensors; always returns a list (split/unstack return several)."""
+    op, checked, _ = _checked(op_name, [(dtypes.to_safetensors(t.dtype), tuple(t.shape)) for t in tensors], params)
     result = op.fn(*tensors, **checked)
     return list(result) if isinstance(result, tuple | list) else [result]
-
-
-def infer(op_name: str, specs: list[tuple[torch.dtype, tuple[int, ...]]], params: dict) -> list[tuple[torch.dtype, tuple[int, ...]]]:
-    """Output (dtype, shape) of an op from input (dtype, shape)s alone, by running it on the meta device."""
-    metas = [torch.empty(tuple(shape), dtype=dtype, device="meta") for dtype, shape in specs]
-    try:
-        outputs = apply(op_name, metas, params)
-    except RuntimeError as error:  # a shape problem torch found before ours did
-        raise OpError(f"{op_name}: {str(error).splitlines()[0]}") from None
-    return [(t.dtype, tuple(t.shape)) for t in outputs]
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -177,64 +192,88 @@ def _along_new_dim_0(params: dict, ndim: int) -> bool:  # stack: dim counts in t
     return _along_dim_0(params, ndim + 1)
 
 
-def _same(op: str, xs: tuple[torch.Tensor, ...], skip: int | None) -> None:
+def _same(op: str, specs: list[Spec], skip: int | None) -> None:
     """All inputs agree in dtype, ndim and every dim but `skip`."""
-    first = xs[0]
-    for x in xs[1:]:
-        if x.dtype != first.dtype:
-            raise OpError(f"{op}: inputs differ in dtype: {first.dtype} vs {x.dtype}")
-        if x.dim() != first.dim():
-            raise OpError(f"{op}: inputs differ in rank: {list(first.shape)} vs {list(x.shape)}")
-        for d in range(first.dim()):
-            if d != skip and x.shape[d] != first.shape[d]:
-                raise OpError(f"{op}: inputs differ in dim {d}: {list(first.shape)} vs {list(x.shape)}")
-
-
-# ---- the ops ------------------------------------------------------------------------------------
+    dtype, shape = specs[0]
+    for other_dtype, other in specs[1:]:
+        if other_dtype != dtype:
+            raise OpError(f"{op}: inputs differ in dtype: {dtype} vs {other_dtype}")
+        if len(other) != len(shape):
+            raise OpError(f"{op}: inputs differ in rank: {list(shape)} vs {list(other)}")
+        for d in range(len(shape)):
+            if d != skip and other[d] != shape[d]:
+                raise OpError(f"{op}: inputs differ in dim {d}: {list(shape)} vs {list(other)}")
 
 
 def _output(shape: list[int], like: torch.Tensor) -> torch.Tensor:
-    """Where an op writes its result (`like`'s dtype; `_same` checked the inputs agree): recycled
-    memory during a conversion (buffers.py), meta when planning."""
-    if like.is_meta:
-        return torch.empty(shape, dtype=like.dtype, device="meta")
+    """Where an op writes its result (`like`'s dtype): recycled memory (buffers.py)."""
+    from moeconv import buffers
+
     return buffers.empty(shape, like.dtype)
 
 
-@register("concat", inverse="split", n_inputs=None, leading=_along_dim_0)
+# ---- the ops: shape rule, then kernel (the rule has checked the inputs before a kernel runs) -----
+
+
+def _concat_shape(specs: list[Spec], *, dim: int) -> list[Spec]:
+    (dtype, shape), d = specs[0], _dim("concat", dim, len(specs[0][1]))
+    _same("concat", specs, skip=d)
+    out = list(shape)
+    out[d] = sum(s[d] for _, s in specs)
+    return [(dtype, tuple(out))]
+
+
+@register("concat", shape=_concat_shape, inverse="split", n_inputs=None, leading=_along_dim_0)
 def concat(*xs: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Join tensors along an existing dim (e.g. gate [I, H] + up [I, H] -> [2I, H])."""
-    d = _dim("concat", dim, xs[0].dim())
-    _same("concat", xs, skip=d)
+    import torch
+
     shape = list(xs[0].shape)
-    shape[d] = sum(x.shape[d] for x in xs)
-    return torch.cat(xs, dim=d, out=_output(shape, xs[0]))  # contiguous
+    shape[dim % xs[0].dim()] = sum(x.shape[dim % x.dim()] for x in xs)
+    return torch.cat(xs, dim=dim, out=_output(shape, xs[0]))  # contiguous
 
 
-@register("split", inverse="concat", leading=_along_dim_0)
+def _split_shape(specs: list[Spec], *, dim: int, parts: int) -> list[Spec]:
+    (dtype, shape), = specs
+    d = _dim("split", dim, len(shape))
+    if parts < 1 or shape[d] % parts:
+        raise OpError(f"split: dim {dim} of {list(shape)} has size {shape[d]}, not divisible into {parts} equal parts")
+    piece = shape[:d] + (shape[d] // parts,) + shape[d + 1 :]
+    return [(dtype, piece)] * parts
+
+
+@register("split", shape=_split_shape, inverse="concat", leading=_along_dim_0)
 def split(x: torch.Tensor, *, dim: int = 0, parts: int = 2) -> tuple[torch.Tensor, ...]:
     """Cut a tensor into `parts` equal pieces along dim (e.g. [2I, H] -> gate [I, H], up [I, H])."""
-    d = _dim("split", dim, x.dim())
-    if parts < 1 or x.shape[d] % parts:
-        raise OpError(f"split: dim {dim} of {list(x.shape)} has size {x.shape[d]}, not divisible into {parts} equal parts")
-    return tuple(piece.contiguous() for piece in torch.split(x, x.shape[d] // parts, dim=d))
+    return tuple(piece.contiguous() for piece in x.split(x.shape[dim] // parts, dim=dim))
 
 
-@register("stack", inverse="unstack", n_inputs=None, leading=_along_new_dim_0)
+def _stack_shape(specs: list[Spec], *, dim: int) -> list[Spec]:
+    (dtype, shape), d = specs[0], _dim("stack", dim, len(specs[0][1]) + 1)
+    _same("stack", specs, skip=None)
+    return [(dtype, shape[:d] + (len(specs),) + shape[d:])]
+
+
+@register("stack", shape=_stack_shape, inverse="unstack", n_inputs=None, leading=_along_new_dim_0)
 def stack(*xs: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Stack equal-shaped tensors along a new dim (E experts [2I, H] -> [E, 2I, H])."""
-    d = _dim("stack", dim, xs[0].dim() + 1)
-    _same("stack", xs, skip=None)
+    import torch
+
     shape = list(xs[0].shape)
-    shape.insert(d, len(xs))
-    return torch.stack(xs, dim=d, out=_output(shape, xs[0]))
+    shape.insert(dim % (xs[0].dim() + 1), len(xs))
+    return torch.stack(xs, dim=dim, out=_output(shape, xs[0]))
 
 
-@register("unstack", inverse="stack", leading=_along_dim_0)
+def _unstack_shape(specs: list[Spec], *, dim: int) -> list[Spec]:
+    (dtype, shape), = specs
+    d = _dim("unstack", dim, len(shape))
+    return [(dtype, shape[:d] + shape[d + 1 :])] * shape[d]
+
+
+@register("unstack", shape=_unstack_shape, inverse="stack", leading=_along_dim_0)
 def unstack(x: torch.Tensor, *, dim: int = 0) -> tuple[torch.Tensor, ...]:
     """Split a tensor into its slices along dim, removing it ([E, 2I, H] -> E x [2I, H])."""
-    d = _dim("unstack", dim, x.dim())
-    return tuple(piece.contiguous() for piece in x.unbind(d))
+    return tuple(piece.contiguous() for piece in x.unbind(dim))
 
 
 _TILE_BYTES = 3 * 2**19  # 1.5 MiB: a band of the source that stays in this machine's 2 MiB L2
@@ -245,12 +284,20 @@ def _transpose_leading(params: dict, ndim: int) -> bool:
     return (_is_0(d0, ndim) or _is_0(d1, ndim)) and d0 % ndim != d1 % ndim
 
 
-@register("transpose", inverse="transpose", leading=_transpose_leading)
+def _transpose_shape(specs: list[Spec], *, dim0: int, dim1: int) -> list[Spec]:
+    (dtype, shape), = specs
+    d0, d1 = _dim("transpose", dim0, len(shape), "dim0"), _dim("transpose", dim1, len(shape), "dim1")
+    out = list(shape)
+    out[d0], out[d1] = shape[d1], shape[d0]
+    return [(dtype, tuple(out))]
+
+
+@register("transpose", shape=_transpose_shape, inverse="transpose", leading=_transpose_leading)
 def transpose(x: torch.Tensor, *, dim0: int, dim1: int) -> torch.Tensor:
     """Swap two dims, contiguous result ([E, 2I, H] -> [E, H, 2I] with dim0 = 1, dim1 = 2)."""
-    d0, d1 = _dim("transpose", dim0, x.dim(), "dim0"), _dim("transpose", dim1, x.dim(), "dim1")
+    d0, d1 = dim0 % x.dim(), dim1 % x.dim()
     a, b = min(d0, d1), max(d0, d1)
-    if a == b or x.is_meta or x.numel() * x.element_size() < _TILE_BYTES or x.shape[a] <= 16:
+    if a == b or x.numel() * x.element_size() < _TILE_BYTES or x.shape[a] <= 16:
         return x.transpose(d0, d1).contiguous()
     # One strided copy of a [5760, 2880] bf16 matrix runs at ~1.2e8 elem/s here (every read misses
     # cache); copying bands of rows of x's dim a that fit in L2 runs at ~9e8 (tiles measured 16..1920).
@@ -263,28 +310,34 @@ def transpose(x: torch.Tensor, *, dim0: int, dim1: int) -> torch.Tensor:
     return out
 
 
-def _pairs(op: str, x: torch.Tensor, dim: int) -> tuple[int, int]:
-    d = _dim(op, dim, x.dim())
-    if x.shape[d] % 2:
-        raise OpError(f"{op}: dim {dim} of {list(x.shape)} has odd size {x.shape[d]}; gate/up rows come in pairs")
-    return d, x.shape[d] // 2
+def _pairs_shape(op: str):
+    """The shape rule of (de)interleave: the same shape, with an even size along dim."""
+
+    def rule(specs: list[Spec], *, dim: int, order: str) -> list[Spec]:
+        (dtype, shape), = specs
+        d = _dim(op, dim, len(shape))
+        if shape[d] % 2:
+            raise OpError(f"{op}: dim {dim} of {list(shape)} has odd size {shape[d]}; gate/up rows come in pairs")
+        return [(dtype, shape)]
+
+    return rule
 
 
-@register("deinterleave", inverse="interleave", leading=_along_dim_0)
+@register("deinterleave", shape=_pairs_shape("deinterleave"), inverse="interleave", leading=_along_dim_0)
 def deinterleave(x: torch.Tensor, *, dim: int, order: Order = "gate-first") -> torch.Tensor:
     """Rows g0 u0 g1 u1 .. along dim (gpt-oss: even = gate, odd = up) -> halves g.. u.. (or u.. g..)."""
-    d, n = _pairs("deinterleave", x, dim)
-    halves = x.unflatten(d, (n, 2)).transpose(d, d + 1)  # [.., 2, n, ..]: 0 = gate, 1 = up
+    d = dim % x.dim()
+    halves = x.unflatten(d, (x.shape[d] // 2, 2)).transpose(d, d + 1)  # [.., 2, n, ..]: 0 = gate, 1 = up
     if order == "up-first":
         halves = halves.flip(d)
     return halves.reshape(x.shape).contiguous()
 
 
-@register("interleave", inverse="deinterleave", leading=_along_dim_0)
+@register("interleave", shape=_pairs_shape("interleave"), inverse="deinterleave", leading=_along_dim_0)
 def interleave(x: torch.Tensor, *, dim: int, order: Order = "gate-first") -> torch.Tensor:
     """Halves g.. u.. (or u.. g.. with up-first) along dim -> rows g0 u0 g1 u1 .. (gpt-oss order)."""
-    d, n = _pairs("interleave", x, dim)
-    halves = x.unflatten(d, (2, n))  # [.., 2, n, ..]
+    d = dim % x.dim()
+    halves = x.unflatten(d, (2, x.shape[d] // 2))  # [.., 2, n, ..]
     if order == "up-first":
         halves = halves.flip(d)  # now 0 = gate, 1 = up
     return halves.transpose(d, d + 1).reshape(x.shape).contiguous()  # [.., n, 2, ..] -> g0 u0 g1 u1 ..
@@ -294,12 +347,19 @@ def _never(params: dict, ndim: int) -> bool:
     return False
 
 
-@register("cast", leading=_never)
+def _cast_shape(specs: list[Spec], *, dtype: str) -> list[Spec]:
+    (_, shape), = specs
+    return [(USER_DTYPES[dtype], shape)]
+
+
+@register("cast", shape=_cast_shape, leading=_never)
 def cast(x: torch.Tensor, *, dtype: DtypeName) -> torch.Tensor:
     """Convert to bf16 / fp16 / fp32; a finite value that would become inf is an error, never silent."""
-    target = USER_DTYPES[dtype]
+    import torch
+
+    target = dtypes.to_torch(USER_DTYPES[dtype])
     y = x.to(target).contiguous()
-    if not x.is_meta and y.is_floating_point() and torch.isinf(y).any():
+    if y.is_floating_point() and torch.isinf(y).any():
         overflow = torch.isinf(y) & ~torch.isinf(x.to(torch.float64) if not x.is_floating_point() else x)
         count = int(overflow.sum())
         if count:
@@ -315,7 +375,20 @@ def _mxfp4_leading(params: dict, ndim: int) -> bool:
     return ndim <= 2  # blocks [G, 16]: axis 0 is the group axis and the output's axis 0 is 32x longer
 
 
-@register("dequantize-mxfp4", n_inputs=2, leading=_mxfp4_leading)
+def _dequantize_mxfp4_shape(specs: list[Spec], *, dtype: str) -> list[Spec]:
+    (blocks_dtype, blocks), (scales_dtype, scales) = specs
+    if blocks_dtype != "U8" or scales_dtype != "U8":
+        raise OpError(f"dequantize-mxfp4: blocks and scales must be U8, got {blocks_dtype} and {scales_dtype}")
+    if len(blocks) < 2 or blocks[-1] != 16:
+        raise OpError(f"dequantize-mxfp4: blocks must be [..., G, 16], got {list(blocks)}")
+    if blocks[:-1] != scales:
+        raise OpError(f"dequantize-mxfp4: scales {list(scales)} must equal blocks' shape without the last dim {list(blocks[:-1])}")
+    return [(USER_DTYPES[dtype], blocks[:-2] + (blocks[-2] * 32,))]
+
+
+@register("dequantize-mxfp4", shape=_dequantize_mxfp4_shape, n_inputs=2, leading=_mxfp4_leading)
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, *, dtype: DtypeName = "bf16") -> torch.Tensor:
     """MXFP4 U8 blocks [.., G, 16] + U8 scales [.., G] -> [.., G*32] (source row orientation), bit-exact."""
-    return mxfp4.dequantize(blocks, scales, dtype=USER_DTYPES[dtype])
+    from moeconv import mxfp4
+
+    return mxfp4.dequantize(blocks, scales, dtype=dtypes.to_torch(USER_DTYPES[dtype]))

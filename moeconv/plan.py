@@ -1,13 +1,12 @@
 """The plan: every output tensor, shard and problem, decided from headers alone.
 
 Rules are applied in order; each sees the keys the earlier ones produced (cascade), so a user
-recipe can transpose what a preset fused. Nothing here reads tensor data: ops run on the meta
-device to learn shapes, so a dry run is exact and errors surface before any I/O.
+recipe can transpose what a preset fused. Nothing here reads tensor data or imports torch: ops'
+shape rules give every output's dtype and shape, so a dry run is exact and errors surface before
+any I/O.
 """
 
 from dataclasses import dataclass, field
-
-import torch
 
 from moeconv import companions, dtypes, ops
 from moeconv.errors import MoeconvError, PlanError
@@ -19,7 +18,7 @@ from moeconv.report_process import BackgroundReport, answer
 from moeconv.source import Checkpoint
 from moeconv.writer import ShardLayout, TensorSpec, plan_shards
 
-DEFAULT_DTYPE = torch.bfloat16  # what "$dtype" means when --dtype is not given
+DEFAULT_DTYPE = "BF16"  # what "$dtype" means when --dtype is not given
 
 
 @dataclass
@@ -137,12 +136,12 @@ class Plan:
 
 
 class _Planner:
-    def __init__(self, source: Checkpoint, dtype: torch.dtype | None):
+    def __init__(self, source: Checkpoint, dtype: str | None):
         self.source = source
         self.config = source.config or {}
         self.dtype = dtype
         self.namespace: dict[str, Entry] = {
-            key: Entry(SourceNode(source, key, dtypes.to_torch(info.dtype), info.shape), (key,))
+            key: Entry(SourceNode(source, key, info.dtype, info.shape), (key,))
             for key, info in source.tensors.items()
         }
         self.warnings: list[str] = []
@@ -318,7 +317,7 @@ class _Planner:
             raise PlanError(f"{rule.where}: {where}: {error}") from None
 
     def _params(self, step: OpStep) -> dict:
-        run_dtype = _dtype_name(self.dtype or DEFAULT_DTYPE)
+        run_dtype = dtypes.SHORT_NAMES[self.dtype or DEFAULT_DTYPE]
         return {k: (run_dtype if v == "$dtype" else v) for k, v in step.params.items()}
 
     def _target(self, rule: Rule, groups: dict, value: Value) -> str:
@@ -334,10 +333,10 @@ class _Planner:
         """--dtype: every floating-point output in that dtype (exact ops already produce it)."""
         if self.dtype is None:
             return
-        params = {"dtype": _dtype_name(self.dtype)}
+        params = {"dtype": dtypes.SHORT_NAMES[self.dtype]}
         for key, entry in self.namespace.items():
             node = entry.node
-            if node.dtype.is_floating_point and node.dtype != self.dtype:
+            if dtypes.is_float(node.dtype) and node.dtype != self.dtype:
                 (dtype, shape), = infer_outputs("cast", params, [node])
                 entry.node = OpNode("cast", params, [node], 0, dtype, shape)
                 entry.ops += (f"cast(dtype={params['dtype']})",)
@@ -345,10 +344,6 @@ class _Planner:
 
 def _op_arity(name: str) -> int | None:
     return ops.get_op(name).n_inputs
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
 
 
 def _ranges(values: list[int]) -> str:
@@ -367,7 +362,7 @@ def build_plan(
     source: Checkpoint,
     recipes: list[Recipe],
     *,
-    dtype: torch.dtype | None = None,
+    dtype: str | None = None,
     align: int = 16,
     max_shard_size: int = 5 * 10**9,
     strict: bool = False,
@@ -375,11 +370,14 @@ def build_plan(
 ) -> Plan:
     """Plan a conversion of `source` with `recipes` applied in order. Reads headers only.
 
-    `dtype` (--dtype) makes every floating output that dtype; `strict` turns rules that match
+    `dtype` (--dtype: "bf16", "fp16", "fp32", a long spelling or a safetensors name) makes every
+    floating output that dtype; `strict` turns rules that match
     nothing into errors. Raises PlanError at the first problem, naming the rule and key.
     `background_report`: the load report is submitted to it, computed in its child process while
     the caller goes on (`plan.report` waits for it); for a conversion that writes it last.
     """
+    if dtype is not None and dtype not in dtypes.SHORT_NAMES:
+        dtype = dtypes.parse_user_dtype(dtype)
     planner = _Planner(source, dtype)
     for recipe in recipes:
         planner.apply_recipe(recipe, strict)
@@ -389,7 +387,7 @@ def build_plan(
     for key in sorted(planner.namespace, key=natural_key):
         entry = planner.namespace[key]
         node = entry.node
-        tensors[key] = PlannedTensor(key, dtypes.to_safetensors(node.dtype), node.shape, entry.sources, entry.rules, entry.ops, node)
+        tensors[key] = PlannedTensor(key, node.dtype, node.shape, entry.sources, entry.rules, entry.ops, node)
         if node.materializes:
             planner.warnings.append(
                 f"'{key}' is computed whole in memory ({node.nbytes / 2**20:.1f} MiB): an op acts on its first axis"
@@ -417,5 +415,5 @@ def build_plan(
         warnings=planner.warnings,
         align=align,
         max_shard_size=max_shard_size,
-        dtype=_dtype_name(dtype) if dtype is not None else None,
+        dtype=dtypes.SHORT_NAMES[dtype] if dtype is not None else None,
     )

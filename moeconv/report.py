@@ -46,13 +46,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from moeconv.dtypes import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS
+from moeconv import dtypes
 from moeconv.errors import MoeconvError
 from moeconv.keys import collapse_keys, natural_key
 
 if TYPE_CHECKING:
+    import torch
     from rich.console import Console
 
 TRANSFORMERS_MISSING = "transformers is not installed: pip install 'moeconv[transformers]'"
@@ -199,6 +198,8 @@ def _apply_mxfp4(model, quantization_config: dict) -> None:
     skip = quantizer.get_modules_to_not_convert(
         model, quantizer.quantization_config.modules_to_not_convert, model._keep_in_fp32_modules
     )
+    import torch
+
     shapes = _SERIALIZED_SHAPES["mxfp4"]
     for name, module in list(model.named_modules()):
         if not (isinstance(module, GptOssMLP) and should_convert_module(f"{name}.experts", skip)):
@@ -221,6 +222,8 @@ _QUANTIZED_LAYOUTS: dict[str, Callable[[Any, dict], None]] = {"mxfp4": _apply_mx
 
 def _build_meta_model(config: dict):
     """(model on meta, consumer description). Raises ConsumerUnavailable with the reason."""
+    import torch
+
     transformers = _import_transformers()
     quantization = config.get("quantization_config")
     quant_method = (quantization or {}).get("quant_method")
@@ -251,7 +254,10 @@ def _build_meta_model(config: dict):
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
-    return TORCH_TO_SAFETENSORS.get(dtype, str(dtype).removeprefix("torch."))
+    try:
+        return dtypes.to_safetensors(dtype)
+    except MoeconvError:
+        return str(dtype).removeprefix("torch.")
 
 
 def expected_tensors(config: dict) -> tuple[dict[str, tuple[str, tuple[int, ...]]], str]:
@@ -268,6 +274,8 @@ def expected_tensors(config: dict) -> tuple[dict[str, tuple[str, tuple[int, ...]
 
 
 def _kind(dtype: torch.dtype) -> str:
+    import torch
+
     return "float" if dtype.is_floating_point else "bool" if dtype == torch.bool else "int"
 
 
@@ -310,7 +318,9 @@ def _simulate_load(model, consumer: str, planned: Planned) -> LoadReport:
     from transformers.modeling_utils import LoadStateDictConfig
 
     expected = {k: (t.dtype, tuple(t.shape)) for k, t in model.state_dict().items()}
-    planned_dtypes = {k: SAFETENSORS_TO_TORCH.get(dtype, torch.uint8) for k, (dtype, _) in planned.items()}
+    import torch
+
+    planned_dtypes = {k: dtypes.to_torch(dtype) if dtype in dtypes.ITEMSIZE else torch.uint8 for k, (dtype, _) in planned.items()}
     state_dict = {
         key: torch.empty(shape, dtype=planned_dtypes[key], device="meta") for key, (_, shape) in planned.items()
     }

@@ -124,10 +124,12 @@ def answer(planned: Planned, config: dict | None) -> LoadReport:
 
 def _import_consumer(hint: list[str]) -> None:
     """Import what check_load runs, and rewrite the import hint if that read other files than it lists."""
+    import torch  # noqa: F401 - first, so that what its own import reads stays out of the hint
+
     from moeconv import report
 
-    # What `import torch` itself reads (moeconv.report imports it) is left out of the hint: the
-    # parent imports torch at this moment and faults its pages in as it needs them. Hinted as well
+    # What `import torch` itself reads is left out of the hint: the parent imports torch at this
+    # moment and faults its pages in as it needs them. Hinted as well
     # (libtorch_cpu.so alone is 434 MB), the parent's first write came no sooner (5 cold pairs,
     # medians 2.94 s with it, 2.98 s without) and the run ended later (8.96 s against 8.62 s).
     before, opened = loaded_files(), _OpenedFiles()

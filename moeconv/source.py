@@ -12,6 +12,8 @@ Subfolders are never read (gpt-oss repos hold `original/` and `metal/` copies of
 Pickled weights (`.bin`, `.pt`, `.pth`, `.ckpt`) are never read: unpickling runs code.
 """
 
+from __future__ import annotations  # torch is imported by the first tensor read, not here
+
 import json
 import math
 import os
@@ -20,13 +22,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from safetensors import safe_open
+from typing import TYPE_CHECKING
 
 from moeconv import buffers, directio, dtypes
 from moeconv.errors import CheckpointError
 from moeconv.keys import natural_key
+
+if TYPE_CHECKING:
+    import torch
 
 HEADER_CAP = 100_000_000  # the reference parser's limit on the JSON header
 INDEX_CAP = 100_000_000  # an index larger than this is not an index
@@ -71,7 +74,7 @@ def _is_int(value: object) -> bool:
 
 
 def _supported() -> str:
-    return ", ".join(dtypes.SAFETENSORS_TO_TORCH)
+    return ", ".join(dtypes.ITEMSIZE)
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
@@ -137,7 +140,7 @@ def check_header(path: Path, header: dict, data_start: int, size: int) -> tuple[
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
             raise CheckpointError(f"{where}: entry must be an object with dtype, shape and data_offsets")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in dtypes.SAFETENSORS_TO_TORCH:
+        if not isinstance(dtype, str) or dtype not in dtypes.ITEMSIZE:
             raise CheckpointError(f"{where}: unsupported dtype {_q(str(dtype))}; supported: {_supported()}")
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
             raise CheckpointError(f"{where}: shape {json.dumps(shape)} must be a list of non-negative integers")
@@ -236,7 +239,8 @@ class Checkpoint:
         self.listing = listing  # root-level file name -> size; None: read the folder
         self.fetch = fetch
         self.evict = evict
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, object] = {}  # safetensors handles, for 0-d tensors
+        self._fetched: set[Path] = set()
         self._fds: dict[Path, int] = {}  # plain descriptors for pread (see `read`)
         self._direct_fds: dict[Path, int | None] = {}  # O_DIRECT ones (None: refused) for big reads
         self._lock = threading.Lock()
@@ -383,14 +387,23 @@ class Checkpoint:
 
     # -- reading ----------------------------------------------------------------------------------
 
+    def _ready(self, file: Path) -> None:
+        """A remote shard: download it before its first read (no-op for local files)."""
+        if self.fetch is not None and file not in self._fetched:
+            with self._lock:
+                if file not in self._fetched:
+                    self.fetch(file)
+                    self._fetched.add(file)
+
     def _handle(self, file: Path):
         handle = self._handles.get(file)
         if handle is None:
+            self._ready(file)
             with self._lock:
                 handle = self._handles.get(file)
                 if handle is None:
-                    if self.fetch is not None:
-                        self.fetch(file)  # a remote shard: download it before the first read
+                    from safetensors import safe_open  # imports torch
+
                     try:
                         handle = safe_open(str(file), framework="pt", device="cpu")
                     except Exception as error:  # safetensors raises its own error types
@@ -402,7 +415,7 @@ class Checkpoint:
         """A descriptor for pread; `direct`: an O_DIRECT one, None where the filesystem refuses it."""
         fds = self._direct_fds if direct else self._fds
         if file not in fds:
-            self._handle(file)  # fetches a remote shard first; safetensors checks it opens
+            self._ready(file)
             with self._lock:
                 if file not in fds:
                     try:
@@ -410,6 +423,27 @@ class Checkpoint:
                     except OSError as error:
                         raise CheckpointError(f"{file}: cannot open: {error.strerror or error}") from None
         return fds[file]
+
+    def _locate(self, key: str, start: int | None, stop: int | None, within: int | None) -> tuple[TensorInfo, tuple[int, ...], int, int]:
+        """(info, shape, file offset, byte count) of rows start:stop of `key` (of row `within`'s own
+        first axis, with `within`): always one contiguous byte range."""
+        info = self.tensors.get(key)
+        if info is None:
+            raise CheckpointError(f"{self.root}: no tensor {_q(key)} in this checkpoint")
+        if not info.shape:
+            if start is not None or stop is not None:
+                raise CheckpointError(f"{info.file}: tensor {_q(key)} is 0-d; it has no rows to slice")
+            return info, (), info.begin, info.nbytes
+        dims, begin, span = info.shape, info.begin, info.nbytes  # what start:stop slices
+        if within is not None:
+            if len(dims) < 2 or not 0 <= within < dims[0]:
+                raise CheckpointError(f"{info.file}: tensor {_q(key)} {list(dims)} has no row {within} to slice within")
+            span = info.nbytes // dims[0]
+            dims, begin = dims[1:], begin + within * span
+        first, last, _ = slice(start, stop).indices(dims[0])
+        count = max(last - first, 0)
+        offset = begin + first * (span // max(dims[0], 1))
+        return info, (count, *dims[1:]), offset, count * math.prod(dims[1:]) * dtypes.itemsize(info.dtype)
 
     def read(self, key: str, start: int | None = None, stop: int | None = None, *, within: int | None = None) -> torch.Tensor:
         """The tensor, or rows start:stop of its first axis (never a whole shard). With `within`:
@@ -421,58 +455,56 @@ class Checkpoint:
         the process's resident set until the file is closed, so peak RSS would grow with the input
         (1.6 GB for one gpt-oss-120b layer); pread leaves those pages in the page cache only.
         """
-        info = self.tensors.get(key)
-        if info is None:
-            raise CheckpointError(f"{self.root}: no tensor {_q(key)} in this checkpoint")
+        import torch
+
+        info, shape, offset, nbytes = self._locate(key, start, stop, within)
         if not info.shape:
-            handle = self._handle(info.file)
-            if start is not None or stop is not None:
-                raise CheckpointError(f"{info.file}: tensor {_q(key)} is 0-d; it has no rows to slice")
-            return handle.get_tensor(key)
-        dims, begin, span = info.shape, info.begin, info.nbytes  # what start:stop slices
-        if within is not None:
-            if len(dims) < 2 or not 0 <= within < dims[0]:
-                raise CheckpointError(f"{info.file}: tensor {_q(key)} {list(dims)} has no row {within} to slice within")
-            span = info.nbytes // dims[0]
-            dims, begin = dims[1:], begin + within * span
-        first, last, _ = slice(start, stop).indices(dims[0])
-        count = max(last - first, 0)
+            return self._handle(info.file).get_tensor(key)
         dtype = dtypes.to_torch(info.dtype)
-        offset = begin + first * (span // max(dims[0], 1))
-        nbytes = count * math.prod(dims[1:]) * dtype.itemsize
         aligned = offset % dtype.itemsize == 0  # else the bytes need a copy to be viewed as dtype
-        if nbytes >= DIRECT_READ_BYTES and aligned and (data := self._read_direct(info.file, key, offset, nbytes)) is not None:
-            return data.view(dtype).view(count, *dims[1:])
-        out = buffers.empty((count, *dims[1:]), dtype)
-        if nbytes == 0:
-            return out
+        if nbytes >= DIRECT_READ_BYTES and aligned and (data := self._read_direct(info, offset, nbytes)) is not None:
+            return torch.frombuffer(data, dtype=torch.uint8).view(dtype).view(shape)
+        out = buffers.empty(shape, dtype)
+        if nbytes:
+            self._pread(info, memoryview(out.view(-1).view(torch.uint8).numpy()), offset)
+        return out
+
+    def read_bytes(self, key: str, start: int | None = None, stop: int | None = None, *, within: int | None = None) -> memoryview:
+        """The bytes `read` would return as a tensor, without torch: what a pass-through copy
+        writes (a conversion copies those while torch is still being imported)."""
+        info, _, offset, nbytes = self._locate(key, start, stop, within)
+        if nbytes >= DIRECT_READ_BYTES and (data := self._read_direct(info, offset, nbytes)) is not None:
+            return data
+        view = buffers.window(nbytes) if nbytes >= DIRECT_READ_BYTES else memoryview(bytearray(nbytes))
+        self._pread(info, view, offset)
+        return view
+
+    def _pread(self, info: TensorInfo, view: memoryview, offset: int) -> None:
+        """Fill `view` from `offset` of the tensor's file (through the page cache)."""
         fd = self._fd(info.file)
-        view = memoryview(out.view(-1).view(torch.uint8).numpy())
         done = 0
-        while done < nbytes:
+        while done < view.nbytes:
             try:
                 got = os.preadv(fd, [view[done:]], offset + done)
             except OSError as error:
-                raise CheckpointError(f"{info.file}: cannot read tensor {_q(key)}: {error.strerror or error}") from None
+                raise CheckpointError(f"{info.file}: cannot read tensor {_q(info.key)}: {error.strerror or error}") from None
             if got == 0:
-                raise CheckpointError(f"{info.file}: tensor {_q(key)} ends beyond the end of the file; the file changed or is truncated")
+                raise CheckpointError(f"{info.file}: tensor {_q(info.key)} ends beyond the end of the file; the file changed or is truncated")
             done += got
-        return out
 
-    def _read_direct(self, file: Path, key: str, offset: int, nbytes: int) -> torch.Tensor | None:
-        """Bytes offset:offset+nbytes of `file` read with O_DIRECT (see directio), as a uint8 view
-        into a recycled buffer; None when the file or filesystem cannot be read direct."""
-        fd = self._fd(file, direct=True)
+    def _read_direct(self, info: TensorInfo, offset: int, nbytes: int) -> memoryview | None:
+        """Bytes offset:offset+nbytes of the tensor's file read with O_DIRECT (see directio), in
+        recycled memory; None when the file or filesystem cannot be read direct."""
+        fd = self._fd(info.file, direct=True)
         if fd is None:
             return None
         start = offset - offset % directio.ALIGN  # the blocks around the range
-        span = directio.round_up(offset + nbytes - start)
-        window = directio.aligned(buffers.empty((span + directio.ALIGN,), torch.uint8), span)
+        window = buffers.window(directio.round_up(offset + nbytes - start))
         try:
             if not directio.pread_direct(fd, window, start, offset + nbytes - start):
                 return None
         except OSError as error:
-            raise CheckpointError(f"{file}: cannot read tensor {_q(key)}: {error.strerror or error}") from None
+            raise CheckpointError(f"{info.file}: cannot read tensor {_q(info.key)}: {error.strerror or error}") from None
         return window[offset - start : offset - start + nbytes]
 
     def release_file(self, file: Path) -> None:
@@ -481,6 +513,7 @@ class Checkpoint:
             raise CheckpointError(f"{self.origin}: a local checkpoint's files are never deleted (--low-disk is for hub repos)")
         with self._lock:
             self._handles.pop(file, None)
+            self._fetched.discard(file)
             fds = [self._fds.pop(file, None), self._direct_fds.pop(file, None)]
         for fd in fds:
             if fd is not None:

@@ -199,8 +199,10 @@ def sample_rows(length: int, count: int) -> list[int]:
     return sorted({round(i * (length - 1) / (count - 1)) for i in range(count)})
 
 
-def _as_bytes(tensor: torch.Tensor) -> bytes:
-    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+def _as_bytes(chunk: torch.Tensor | memoryview) -> bytes:
+    if isinstance(chunk, memoryview):  # a pass-through's bytes
+        return chunk.tobytes()
+    return chunk.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def _check_values(out: Path, plan, result: VerifyResult, skip: set[str], sample: int | None, chunk_bytes: int) -> None:

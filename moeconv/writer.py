@@ -18,6 +18,8 @@ padding tensors break vLLM (it refuses unknown parameter names), so order is the
 Keys that do not start aligned are listed in `ShardLayout.misaligned`. Same inputs -> same bytes.
 """
 
+from __future__ import annotations  # torch is imported by whoever hands over a tensor
+
 import ctypes
 import json
 import math
@@ -26,13 +28,15 @@ import tempfile
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from moeconv import checksum as checksums
 from moeconv import directio, dtypes
-from moeconv.errors import InternalError, WriteError
+from moeconv.errors import InternalError, MoeconvError, WriteError
 from moeconv.keys import natural_key
+
+if TYPE_CHECKING:
+    import torch
 
 HEADER_CAP = 100_000_000  # safetensors refuses larger headers
 INDEX_NAME = "model.safetensors.index.json"
@@ -79,7 +83,7 @@ def _check_specs(name: str, tensors: list[TensorSpec]) -> None:
             raise WriteError(f"{name}: tensor '{spec.key}' appears twice")
         if spec.key == "__metadata__" or not spec.key:
             raise WriteError(f"{name}: '{spec.key}' cannot be a tensor name")
-        if spec.dtype not in dtypes.SAFETENSORS_TO_TORCH:
+        if spec.dtype not in dtypes.ITEMSIZE:
             raise WriteError(f"{name}: tensor '{spec.key}' has unknown dtype '{spec.dtype}'")
         if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in spec.shape):
             raise WriteError(f"{name}: tensor '{spec.key}' has invalid shape {list(spec.shape)}")
@@ -215,9 +219,20 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _is_tensor(data) -> bool:
+    return not isinstance(data, bytes | bytearray | memoryview) and hasattr(data, "data_ptr")
+
+
+def _safetensors_name(dtype) -> str | None:
+    try:
+        return dtypes.to_safetensors(dtype)
+    except MoeconvError:
+        return None
+
+
 def _as_bytes(data) -> tuple[memoryview, torch.Tensor | None]:
     """A flat byte view of `data` without copying (the tensor is returned to keep it alive)."""
-    if isinstance(data, torch.Tensor):
+    if _is_tensor(data):
         if data.device.type != "cpu":
             data = data.cpu()
         if not data.is_contiguous():
@@ -310,7 +325,7 @@ class ShardWriter:
     def write(self, key: str, data) -> None:
         """Append a chunk of `key`'s bytes (bytes-like or a CPU tensor of the planned dtype)."""
         spec = self._seek_key(key)
-        if isinstance(data, torch.Tensor) and dtypes.TORCH_TO_SAFETENSORS.get(data.dtype) != spec.dtype:
+        if _is_tensor(data) and _safetensors_name(data.dtype) != spec.dtype:
             raise self._fail(f"'{key}' got a {data.dtype} chunk, the layout says {spec.dtype}")
         view, keep = _as_bytes(data)
         if self._done + view.nbytes > spec.nbytes:

@@ -67,15 +67,24 @@ def test_unfuse_reads_each_source_byte_once_in_bounded_chunks(tmp_path, monkeypa
     source = build_per_expert("mixtral", tmp_path / "src")
     assert convert(source, tmp_path / "fused", "--preset", "fuse-experts").exit_code == 0
     read_bytes, largest = [0], [0]
-    original_read = Checkpoint.read
+    original_read, original_read_bytes = Checkpoint.read, Checkpoint.read_bytes
+
+    def count(nbytes: int) -> None:
+        read_bytes[0] += nbytes
+        largest[0] = max(largest[0], nbytes)
 
     def counting_read(self, *args, **kwargs):
         tensor = original_read(self, *args, **kwargs)
-        read_bytes[0] += tensor.numel() * tensor.element_size()
-        largest[0] = max(largest[0], tensor.numel() * tensor.element_size())
+        count(tensor.numel() * tensor.element_size())
         return tensor
 
+    def counting_read_bytes(self, *args, **kwargs):  # pass-through tensors
+        view = original_read_bytes(self, *args, **kwargs)
+        count(view.nbytes)
+        return view
+
     monkeypatch.setattr(Checkpoint, "read", counting_read)
+    monkeypatch.setattr(Checkpoint, "read_bytes", counting_read_bytes)
     fused = Checkpoint.open(tmp_path / "fused")
     plan = build_plan(fused, [load_preset("unfuse-experts")])
     gate_up = next(k for k in fused.tensors if k.endswith("gate_up_proj"))

@@ -22,7 +22,7 @@ from moeconv.errors import CheckpointError
 from moeconv.source import Checkpoint, read_header
 from moeconv.writer import ShardWriter, TensorSpec, layout_shard
 
-DTYPES = sorted(dtypes.SAFETENSORS_TO_TORCH)
+DTYPES = sorted(dtypes.ITEMSIZE)
 keys = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=12).filter(lambda k: k != "__metadata__")
 specs = st.dictionaries(
     keys,

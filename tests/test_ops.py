@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moeconv import ops
+from moeconv.dtypes import to_safetensors
 from moeconv.errors import OpError, RecipeError
 
 SETTINGS = settings(max_examples=60, deadline=None)
@@ -176,7 +177,7 @@ def test_declared_inverses_are_symmetric():
     assert ops.get_op("cast").inverse is None and ops.get_op("dequantize-mxfp4").inverse is None
 
 
-# ---- meta inference equals the real output ------------------------------------------------------
+# ---- the shape rules equal the real output -------------------------------------------------------
 
 CASES = [
     ("concat", [(torch.bfloat16, (3, 4)), (torch.bfloat16, (5, 4))], {"dim": 0}),
@@ -209,8 +210,38 @@ def test_infer_matches_real_output(name, specs, params):
     else:
         real = [_real(dtype, shape, i) for i, (dtype, shape) in enumerate(specs)]
     outputs = ops.apply(name, real, params)
-    assert ops.infer(name, specs, params) == [(t.dtype, tuple(t.shape)) for t in outputs]
+    assert ops.infer(name, names(specs), params) == [(to_safetensors(t.dtype), tuple(t.shape)) for t in outputs]
     assert all(t.is_contiguous() for t in outputs)
+
+
+def names(specs):
+    return [(to_safetensors(dtype), shape) for dtype, shape in specs]
+
+
+@SETTINGS
+@given(st.lists(st.integers(1, 4), min_size=1, max_size=4), st.data())
+def test_every_shape_rule_equals_its_kernel_on_random_shapes(shape, data):
+    """The plan's shapes come from the rules alone (no torch): each must give what its kernel gives."""
+    ndim = len(shape)
+    x = torch.randn(shape).to(torch.bfloat16)
+    dim = data.draw(st.integers(-ndim, ndim - 1))
+    even = [*shape]
+    even[dim] *= 2
+    cases = [
+        ("transpose", [x], {"dim0": dim, "dim1": data.draw(st.integers(-ndim, ndim - 1))}),
+        ("split", [x.repeat_interleave(3, dim=dim)], {"dim": dim, "parts": 3}),
+        ("unstack", [x], {"dim": dim}),
+        ("stack", [x, x], {"dim": data.draw(st.integers(-ndim - 1, ndim))}),
+        ("concat", [x, x.repeat_interleave(2, dim=dim)], {"dim": dim}),
+        ("deinterleave", [torch.randn(even).to(torch.float16)], {"dim": dim}),
+        ("interleave", [torch.randn(even)], {"dim": dim, "order": "up-first"}),
+        ("cast", [x], {"dtype": "fp32"}),
+        ("dequantize-mxfp4", [torch.randint(0, 256, (*shape, 16), dtype=torch.uint8), torch.full(shape, 127, dtype=torch.uint8)], {"dtype": "fp16"}),
+    ]
+    for name, inputs, params in cases:
+        outputs = ops.apply(name, inputs, params)
+        specs = [(to_safetensors(t.dtype), tuple(t.shape)) for t in inputs]
+        assert ops.infer(name, specs, params) == [(to_safetensors(t.dtype), tuple(t.shape)) for t in outputs], name
 
 
 @pytest.mark.parametrize(
@@ -233,7 +264,9 @@ def test_infer_matches_real_output(name, specs, params):
 )
 def test_infer_shape_errors(name, specs, params, message):
     with pytest.raises(OpError, match=message):
-        ops.infer(name, specs, params)
+        ops.infer(name, names(specs), params)
+    with pytest.raises(OpError, match=message):  # running the op checks its inputs with the same rule
+        ops.apply(name, [_real(dtype, shape) for dtype, shape in specs], params)
 
 
 # ---- touches_leading_axis -----------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The executor's performance machinery must be invisible in the output: recycled buffers and
 several compute threads give the same bytes, errors and report."""
 
+import ctypes
 import json
 import os
 import shutil
@@ -44,6 +45,20 @@ def test_a_buffer_is_reused_only_once_nothing_refers_to_it():
         assert b.data_ptr() not in (c.data_ptr(), d.data_ptr())
 
 
+def test_byte_windows_share_the_pool_with_tensors_and_are_page_aligned():
+    """Pass-through copies read into `window()`s (no torch); a window nobody holds is reused by a
+    tensor, and a held one never is."""
+    with buffers.recycling(8 * MiB):
+        window = buffers.window(2 * MiB)
+        address = ctypes.addressof(ctypes.c_char.from_buffer(window))
+        assert address % 4096 == 0 and window.nbytes == 2 * MiB and not window.readonly
+        part = window[100:200]
+        del window
+        assert buffers.empty((2 * MiB,), torch.uint8).data_ptr() != address  # `part` still holds it
+        del part
+        assert buffers.empty((MiB,), torch.int16).data_ptr() == address
+
+
 def test_recycling_respects_its_budget_and_ends_with_the_block():
     with buffers.recycling(3 * MiB):
         held = [buffers.empty((MiB,), torch.uint8) for _ in range(5)]  # 2 past the budget: plain torch.empty
@@ -51,7 +66,7 @@ def test_recycling_respects_its_budget_and_ends_with_the_block():
         del held
         again = [buffers.empty((MiB,), torch.uint8) for _ in range(3)]
         assert {t.data_ptr() for t in again} <= set(pointers[:3])
-    assert buffers._buffers == [] and buffers._budget == 0  # the pool let go; `again` alone keeps its memory
+    assert buffers._maps == [] and buffers._budget == 0  # the pool let go; `again` alone keeps its memory
     assert buffers.empty((MiB // 4,), torch.float32).shape == (MiB // 4,)  # small or outside: torch.empty
 
 
@@ -62,7 +77,7 @@ def test_idle_buffers_of_other_sizes_make_room_whatever_their_place_in_the_pool(
         del idle
         wanted = buffers.empty((3 * MiB // 2,), torch.uint8)  # 4 MiB is over twice that: the idle one goes
         assert wanted.numel() == 3 * MiB // 2 and held.numel() == MiB
-        assert [entry[0].numel() for entry in buffers._buffers] == [MiB, 3 * MiB // 2]
+        assert [len(buffer) for buffer in buffers._maps] == [MiB, 3 * MiB // 2]
 
 
 @pytest.mark.parametrize("threads", ["1", "2", "3"])
@@ -214,3 +229,43 @@ def test_the_conversion_threads_give_way_to_a_pending_report_child(gpt_oss_mxfp4
     execute(build_plan(Checkpoint.open(gpt_oss_mxfp4_dir), [load_preset("gpt-oss-bf16")]), tmp_path / "ready")
     assert seen and set(seen) == {base}
     assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the caller's own thread is untouched
+
+
+RENAME_ONLY = """
+[[rule]]
+name = "rename"
+match = 'model\\.(?P<rest>.+)'
+target = "backbone.{rest}"
+"""
+
+NO_TORCH_RUN = """
+import sys
+from typer.testing import CliRunner
+from moeconv.cli import app
+result = CliRunner().invoke(app, ["convert", sys.argv[1], sys.argv[2], "--recipe", sys.argv[3]])
+assert result.exit_code == 0, result.output
+print(sorted(name for name in sys.modules if name.split(".")[0] == "torch"))
+"""
+
+
+def test_a_conversion_that_only_copies_bytes_never_imports_torch(mixtral_dir, tmp_path):
+    """Planning is pure Python and pass-through tensors are copied as bytes, so a rename-only
+    conversion runs without torch in the process (the load report's child imports it, not us);
+    small chunks make every tensor take several byte windows, and the output is the source's bytes."""
+    recipe = tmp_path / "rename.toml"
+    recipe.write_text(RENAME_ONLY)
+    out = tmp_path / "out"
+    env = {**os.environ, "MOECONV_CHUNK_BYTES": "4096"}
+    done = subprocess.run(
+        [sys.executable, "-c", NO_TORCH_RUN, str(mixtral_dir), str(out), str(recipe)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    source = {k: v for f in sorted(mixtral_dir.glob("*.safetensors")) for k, v in load_file(f).items()}
+    written = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+    renamed = {("backbone." + k[len("model."):] if k.startswith("model.") else k): v for k, v in source.items()}
+    assert written.keys() == renamed.keys()
+    for key, tensor in renamed.items():
+        assert written[key].dtype == tensor.dtype and torch.equal(written[key].view(torch.uint8), tensor.view(torch.uint8)), key
+    assert json.loads((out / REPORT_NAME).read_text())["consumer"].startswith("transformers ")

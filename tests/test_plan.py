@@ -195,7 +195,7 @@ target = "{l}.experts.{e}.w12"
 
 def test_dtype_casts_every_float_and_sets_config(tmp_path):
     source = make_mixtral_like(tmp_path / "src", config={"num_local_experts": E, "dtype": "bfloat16"})
-    plan = plan_for(tmp_path / "src", load_preset("fuse-experts"), dtype=torch.float32)
+    plan = plan_for(tmp_path / "src", load_preset("fuse-experts"), dtype="fp32")
     assert {t.dtype for t in plan.tensors.values()} == {"F32"}
     execute(plan, tmp_path / "out")
     out = load_file(str(tmp_path / "out" / "model.safetensors"))

@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors import safe_open  # noqa: E402
 from transformers import AutoModelForCausalLM, GptOssConfig, MixtralConfig, Qwen3MoeConfig  # noqa: E402
 
-from moeconv.dtypes import TORCH_TO_SAFETENSORS  # noqa: E402
+from moeconv.dtypes import to_safetensors  # noqa: E402
 from moeconv import report_process  # noqa: E402
 from moeconv.report_process import BackgroundReport  # noqa: E402
 from moeconv.report import (  # noqa: E402
@@ -62,7 +62,7 @@ def meta_planned(config: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
     config_obj = transformers.AutoConfig.for_model(**{k: v for k, v in config.items() if k != "quantization_config"})
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config_obj)
-    return {k: (TORCH_TO_SAFETENSORS[t.dtype], tuple(t.shape)) for k, t in model.state_dict().items()}
+    return {k: (to_safetensors(t.dtype), tuple(t.shape)) for k, t in model.state_dict().items()}
 
 
 def saved_planned(config: dict, tmp_path) -> dict[str, tuple[str, tuple[int, ...]]]:
