@@ -15,6 +15,7 @@ computed chunk waits for the import.
 
 import hashlib
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -168,13 +169,37 @@ def _produce_on_worker(tensor: PlannedTensor, rows: Chunk | None):
     return _produce(tensor, rows)
 
 
+def _load_torch_libraries() -> None:
+    """dlopen torch's native libraries through ctypes, which lets go of the GIL meanwhile.
+
+    `import torch` holds the GIL while the dynamic loader maps and relocates them (0.5-0.7 s cold
+    on a quiet disk, ~1.4 s beside a conversion's I/O), and every copy thread stalls; ctypes
+    releases it (longest stall 0.06-0.07 s). The import then finds them loaded: same libraries,
+    same flags (RTLD_NOW, local). Best effort: any failure leaves it to the import.
+    """
+    try:
+        spec = importlib.util.find_spec("torch")
+        library = Path(spec.origin).parent / "lib" / "libtorch_python.so"  # pulls in libtorch_cpu, libc10
+        if library.is_file():
+            import ctypes
+
+            ctypes.CDLL(str(library))
+    except (ImportError, AttributeError, TypeError, OSError, ValueError):
+        pass
+
+
+def _import_kernels() -> None:
+    _load_torch_libraries()
+    importlib.import_module("moeconv.mxfp4")  # torch, and the MXFP4 kernel's tables
+
+
 def import_torch_early(plan: Plan) -> threading.Thread | None:
     """Start importing torch (and the MXFP4 kernel) on a thread, when some tensor of the plan needs
     it: the pass-through copies ahead of it go on meanwhile. The first use of torch elsewhere
     waits for this import to finish (Python's import lock); None when nothing needs torch."""
     if all(copies_bytes(t) for t in plan.tensors.values()):
         return None
-    thread = threading.Thread(target=importlib.import_module, args=("moeconv.mxfp4",), name="moeconv-import", daemon=True)
+    thread = threading.Thread(target=_import_kernels, name="moeconv-import", daemon=True)
     thread.start()
     return thread
 
