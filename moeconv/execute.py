@@ -172,10 +172,10 @@ def _produce_on_worker(tensor: PlannedTensor, rows: Chunk | None):
 def _load_torch_libraries() -> None:
     """dlopen torch's native libraries through ctypes, which lets go of the GIL meanwhile.
 
-    `import torch` holds the GIL while the dynamic loader maps and relocates them (0.5-0.7 s cold
-    on a quiet disk, ~1.4 s beside a conversion's I/O), and every copy thread stalls; ctypes
-    releases it (longest stall 0.06-0.07 s). The import then finds them loaded: same libraries,
-    same flags (RTLD_NOW, local). Best effort: any failure leaves it to the import.
+    `import torch` holds the GIL while the dynamic loader maps and relocates them, and every copy
+    thread stalls (a thread ticking beside a cold import: 0.50-0.74 s at once); ctypes lets go of
+    it (0.06-0.08 s). The import then finds them loaded: same libraries, same flags (RTLD_NOW,
+    local). Best effort: any failure leaves it to the import.
     """
     try:
         spec = importlib.util.find_spec("torch")

@@ -269,3 +269,19 @@ def test_a_conversion_that_only_copies_bytes_never_imports_torch(mixtral_dir, tm
     for key, tensor in renamed.items():
         assert written[key].dtype == tensor.dtype and torch.equal(written[key].view(torch.uint8), tensor.view(torch.uint8)), key
     assert json.loads((out / REPORT_NAME).read_text())["consumer"].startswith("transformers ")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_torch_libraries_load_before_the_import_without_importing_it():
+    """The early import's first step maps torch's native libraries through ctypes (which lets go
+    of the GIL), and imports nothing: `import torch` then finds them loaded."""
+    script = (
+        "import sys\nfrom moeconv import execute\nexecute._load_torch_libraries()\n"
+        "maps = open('/proc/self/maps').read()\n"
+        "print('libtorch_cpu.so' in maps, 'libtorch_python.so' in maps, 'torch' in sys.modules)\n"
+        "import torch\nprint(torch.ones(2).sum().item())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "True", "False", "2.0"]
+
