@@ -13,6 +13,7 @@ copies at the front of the first shard (embeddings, lm_head) go to disk meanwhil
 computed chunk waits for the import.
 """
 
+import glob
 import hashlib
 import importlib
 import importlib.util
@@ -406,9 +407,15 @@ def _write_journal(out_dir: Path, fingerprint: str, checksum: str, shards: dict[
     atomic_write_bytes(out_dir / JOURNAL_NAME, (json.dumps(data, indent=2) + "\n").encode(), sync=False)
 
 
-def _abandon(out_dir: Path, finished: dict[str, dict], error: BaseException) -> None:
-    """After a failure (the unfinished shard's temp file is already gone): with no finished shard
-    there is nothing to resume, so the journal goes too; otherwise say how to continue."""
+def _abandon(out_dir: Path, plan: Plan, finished: dict[str, dict], error: BaseException) -> None:
+    """After a failure: with no finished shard there is nothing to resume, so the journal goes too;
+    otherwise say how to continue. The unfinished shard's temp file is gone already, except when
+    Ctrl-C lands as a temp file is created, before any code owns it (while another thread holds
+    the GIL, the open() returns late); any temp file of this run is removed here."""
+    ours = [staged_name(layout.name) for layout in plan.shards] + [JOURNAL_NAME, INDEX_NAME, "config.json", REPORT_NAME]
+    for name in ours + list(plan.companion_files):
+        for temp in out_dir.glob(f".{glob.escape(name)}.*.tmp"):
+            temp.unlink(missing_ok=True)
     if not finished:
         (out_dir / JOURNAL_NAME).unlink(missing_ok=True)
     elif isinstance(error, MoeconvError):
@@ -485,13 +492,13 @@ def execute(
     # A process that dies keeps them all (the page cache outlives it); after a machine crash,
     # --resume re-hashes every shard the journal lists and redoes any that did not survive whole.
     finished = dict(kept)
-    _write_journal(out_dir, fingerprint, checksum, finished)
     position = 0
     # While the load report is computed in its child process, the conversion's threads give way to
     # it: it is what the run waits for at the end (2-layer gpt-oss: 10.4 -> 9.5 s over 8 pairs).
     niceness = YIELD_TO_REPORT if plan.report_pending else 0
     compute = _ComputePool(threads, AHEAD_CHUNKS * chunk_bytes, niceness)
     try:
+        _write_journal(out_dir, fingerprint, checksum, finished)
         with buffers.recycling(RECYCLE_CHUNKS * chunk_bytes):
             for layout in plan.shards:
                 if layout.name in finished:  # kept by --resume: its bytes were checked against the journal
@@ -517,7 +524,7 @@ def execute(
                 finished[layout.name] = {"size": layout.size, "checksum": writer.checksum}
                 _write_journal(out_dir, fingerprint, checksum, finished)
     except BaseException as error:
-        _abandon(out_dir, finished, error)
+        _abandon(out_dir, plan, finished, error)
         raise
     finally:
         compute.close()
@@ -552,7 +559,7 @@ def execute(
         (out_dir / INDEX_NAME).unlink(missing_ok=True)
         for name in renamed:  # back out of sight: the journal still lists them for --resume
             os.replace(out_dir / name, out_dir / staged_name(name))
-        _abandon(out_dir, finished, error)
+        _abandon(out_dir, plan, finished, error)
         raise
     (out_dir / JOURNAL_NAME).unlink(missing_ok=True)
     return report

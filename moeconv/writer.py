@@ -278,11 +278,14 @@ class ShardWriter:
         self.temp = Path(temp)
         self._fd = fd
         try:
-            self._file = directio.Appender(fd)  # bytes go to disk straight from an aligned buffer
-        except OSError as error:
+            try:
+                self._file = directio.Appender(fd)  # bytes go to disk straight from an aligned buffer
+            except OSError as error:
+                raise WriteError(f"{self.final}: cannot set up writing: {error.strerror or error}") from None
+            self._put(memoryview(layout.header))
+        except BaseException:  # an error, or Ctrl-C, before the caller holds this writer to close it
             self.close()
-            raise WriteError(f"{self.final}: cannot set up writing: {error.strerror or error}") from None
-        self._put(memoryview(layout.header))
+            raise
 
     # -- writing ----------------------------------------------------------------------------------
 
@@ -389,7 +392,12 @@ def _temp_file(final: Path) -> tuple[int, str]:
     """A hidden temp file next to `final`, with the permissions a plain open() would give
     (mkstemp makes it 0600, and a served checkpoint must be readable by others)."""
     fd, temp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o666 & ~_UMASK)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
+    except BaseException:
+        os.close(fd)
+        os.unlink(temp)
+        raise
     return fd, temp
 
 

@@ -285,3 +285,25 @@ def test_torch_libraries_load_before_the_import_without_importing_it():
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True", "True", "False", "2.0"]
 
+
+@pytest.mark.parametrize("interrupted_call", [1, 2], ids=["journal", "first-shard"])
+def test_an_interrupt_as_a_temp_file_is_created_leaves_no_file(gpt_oss_mxfp4_dir, tmp_path, monkeypatch, interrupted_call):
+    """Ctrl-C can land right after a temp file is created, before any code owns it (the open()
+    returns late while another thread holds the GIL): the run's cleanup removes it all the same."""
+    from moeconv import writer
+
+    real, calls = writer._temp_file, []
+
+    def interrupted(final):
+        fd, temp = real(final)
+        calls.append(temp)
+        if len(calls) == interrupted_call:
+            os.close(fd)
+            raise KeyboardInterrupt
+        return fd, temp
+
+    monkeypatch.setattr(writer, "_temp_file", interrupted)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        execute(build_plan(Checkpoint.open(gpt_oss_mxfp4_dir), [load_preset("gpt-oss-bf16")]), out)
+    assert len(calls) == interrupted_call and sorted(os.listdir(out)) == []

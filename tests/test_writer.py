@@ -378,6 +378,24 @@ def test_exception_in_with_block_leaves_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("stage", ["fchmod", "header"])
+def test_an_interrupt_while_the_writer_is_made_leaves_nothing(tmp_path, monkeypatch, stage):
+    """Ctrl-C between the temp file's creation and the caller's `with`: no writer to close, so the
+    constructor must remove the file itself (a conversion interrupted as it opened a shard left it)."""
+    from moeconv import directio, writer as writer_module
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if stage == "fchmod":
+        monkeypatch.setattr(writer_module.os, "fchmod", interrupt)
+    else:
+        monkeypatch.setattr(directio.Appender, "append", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        ShardWriter(tmp_path, _layout())
+    assert os.listdir(tmp_path) == []
+
+
 def test_close_without_finish_removes_temp(tmp_path):
     writer = ShardWriter(tmp_path, _layout())
     writer.close()
