@@ -370,14 +370,14 @@ def build_plan(
 ) -> Plan:
     """Plan a conversion of `source` with `recipes` applied in order. Reads headers only.
 
-    `dtype` (--dtype: "bf16", "fp16", "fp32", a long spelling or a safetensors name) makes every
-    floating output that dtype; `strict` turns rules that match
-    nothing into errors. Raises PlanError at the first problem, naming the rule and key.
+    `dtype` (--dtype: "bf16", "fp16", "fp32", a long spelling, a safetensors name or a torch
+    dtype) makes every floating output that dtype; `strict` turns rules that match nothing into
+    errors. Raises PlanError at the first problem, naming the rule and key.
     `background_report`: the load report is submitted to it, computed in its child process while
     the caller goes on (`plan.report` waits for it); for a conversion that writes it last.
     """
     if dtype is not None and dtype not in dtypes.SHORT_NAMES:
-        dtype = dtypes.parse_user_dtype(dtype)
+        dtype = dtypes.parse_user_dtype(str(dtype).removeprefix("torch."))
     planner = _Planner(source, dtype)
     for recipe in recipes:
         planner.apply_recipe(recipe, strict)

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from moeconv import graph
 from moeconv.cli import app
-from moeconv.errors import InternalError, PlanError, WriteError
+from moeconv.errors import InternalError, MoeconvError, PlanError, WriteError
 from moeconv.execute import execute
 from moeconv.plan import build_plan
 from moeconv.recipe import load_preset, parse_recipe
@@ -201,6 +201,20 @@ def test_dtype_casts_every_float_and_sets_config(tmp_path):
     out = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert torch.equal(out["model.embed_tokens.weight"], source["model.embed_tokens.weight"].float())
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "float32"
+
+
+@pytest.mark.parametrize("spelling", ["fp16", "float16", "half", "F16", torch.float16])
+def test_every_dtype_spelling_plans_the_same(tmp_path, spelling):
+    """build_plan takes --dtype's spellings, safetensors names and torch dtypes alike."""
+    make_mixtral_like(tmp_path / "src")
+    plan = plan_for(tmp_path / "src", load_preset("fuse-experts"), dtype=spelling)
+    assert {t.dtype for t in plan.tensors.values()} == {"F16"} and plan.dtype == "fp16"
+
+
+def test_an_unknown_dtype_is_a_plain_error(tmp_path):
+    make_mixtral_like(tmp_path / "src")
+    with pytest.raises(MoeconvError, match="unknown dtype 'int8'; use one of bf16, fp16, fp32"):
+        plan_for(tmp_path / "src", load_preset("fuse-experts"), dtype=torch.int8)
 
 
 def test_dry_run_reads_no_tensor_data_and_creates_nothing(tmp_path, monkeypatch):
