@@ -53,7 +53,10 @@ def _new_map(nbytes: int) -> mmap.mmap:
 
 
 def _take(nbytes: int) -> mmap.mmap | None:
-    """An idle pooled map of nbytes (up to twice that), or a new pooled one; None over budget."""
+    """An idle pooled map of nbytes (up to twice that), or a new pooled one; None when recycling
+    is off, the request is small, or the pool is over budget."""
+    if not _budget or nbytes < MIN_BYTES:
+        return None
     with _lock:
         idle = [buffer for buffer in _maps if _count(buffer) == _free_count[id(buffer)]]
         fits = [buffer for buffer in idle if nbytes <= len(buffer) <= 2 * nbytes]
@@ -78,7 +81,7 @@ def _take(nbytes: int) -> mmap.mmap | None:
 
 def window(nbytes: int) -> memoryview:
     """`nbytes` of writable, page-aligned memory (recycled when a free buffer fits), as bytes."""
-    buffer = _take(nbytes) if _budget and nbytes >= MIN_BYTES else None
+    buffer = _take(nbytes)
     if buffer is None:
         buffer = _new_map(nbytes)
     return memoryview(buffer)[:nbytes]
@@ -90,7 +93,7 @@ def empty(shape, dtype: torch.dtype) -> torch.Tensor:
     import torch
 
     nbytes = math.prod(shape) * dtype.itemsize
-    buffer = _take(nbytes) if _budget and nbytes >= MIN_BYTES else None
+    buffer = _take(nbytes)
     if buffer is None:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(memoryview(buffer)[:nbytes], dtype=torch.uint8).view(dtype).view(shape)

@@ -194,15 +194,12 @@ def _import_kernels() -> None:
     importlib.import_module("moeconv.mxfp4")  # torch, and the MXFP4 kernel's tables
 
 
-def import_torch_early(plan: Plan) -> threading.Thread | None:
+def import_torch_early(plan: Plan) -> None:
     """Start importing torch (and the MXFP4 kernel) on a thread, when some tensor of the plan needs
     it: the pass-through copies ahead of it go on meanwhile. The first use of torch elsewhere
-    waits for this import to finish (Python's import lock); None when nothing needs torch."""
-    if all(copies_bytes(t) for t in plan.tensors.values()):
-        return None
-    thread = threading.Thread(target=_import_kernels, name="moeconv-import", daemon=True)
-    thread.start()
-    return thread
+    waits for this import to finish (Python's import lock)."""
+    if not all(copies_bytes(t) for t in plan.tensors.values()):
+        threading.Thread(target=_import_kernels, name="moeconv-import", daemon=True).start()
 
 
 class _ComputePool:

@@ -309,6 +309,7 @@ def check_load(planned: Planned, config: dict | None) -> LoadReport:
 
 def _simulate_load(model, consumer: str, planned: Planned) -> LoadReport:
     """from_pretrained's loading steps, on meta tensors shaped like the plan."""
+    import torch
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import (
         WeightConverter,
@@ -318,8 +319,6 @@ def _simulate_load(model, consumer: str, planned: Planned) -> LoadReport:
     from transformers.modeling_utils import LoadStateDictConfig
 
     expected = {k: (t.dtype, tuple(t.shape)) for k, t in model.state_dict().items()}
-    import torch
-
     planned_dtypes = {k: dtypes.to_torch(dtype) if dtype in dtypes.ITEMSIZE else torch.uint8 for k, (dtype, _) in planned.items()}
     state_dict = {
         key: torch.empty(shape, dtype=planned_dtypes[key], device="meta") for key, (_, shape) in planned.items()
