@@ -7,7 +7,7 @@ torch and plans, the child imports torch and transformers on the other core (col
 conversion's own I/O fills the disk queue), then waits for the planned keys and answers. On a
 thread the import held the GIL the conversion's threads need (3x slower, the conversion stalled).
 
-The child also keeps an import hint (below) so that, from the second run on, the library files
+The child also keeps an import hint (import_hint.py) so that, from the second run on, the library files
 its import reads are fetched while the disk is still quiet, and it keeps every report it computes
 (report_cache): a later run asking the same question of the same code gets it back and drops its
 import midway.
@@ -21,17 +21,13 @@ A child that dies without an answer is replaced by computing the report in the p
 from __future__ import annotations
 
 import gc
-import hashlib
 import multiprocessing
-import os
 import signal
-import stat
 import sys
 import threading
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moeconv import report_cache
+from moeconv import import_hint, report_cache
 
 if TYPE_CHECKING:
     from moeconv.report import LoadReport, Planned
@@ -118,8 +114,19 @@ def answer(planned: Planned, config: dict | None) -> LoadReport:
     if (recalled := report_cache.lookup(planned, config)) is not None:
         return LoadReport.from_json(recalled, recalled=True)
     report = check_load(planned, config)
-    report_cache.store(planned, config, report.to_json(), loaded_files())
+    report_cache.store(planned, config, report.to_json(), import_hint.loaded_files())
     return report
+
+
+# -- the import hint (import_hint.py) ------------------------------------------------------------------
+# Importing transformers' modeling code (torch itself is imported already) reads ~5,300 files:
+# modules (its own, torch's compiler stack, scipy's, sympy's), libraries, and the source of every
+# model transformers has (~1,700 files it reads, not imports, to list their exports). From a cold
+# cache, during a conversion, those reads queue behind the conversion's own: measured 5-6 s of
+# block-I/O wait for 3.5-3.9 s of CPU, and the conversion then waited 3-4 s for its report. So the
+# child records the files its import loaded or opened, and the next run's child reads them all
+# ahead as it starts, while the disk is still quiet.
+HINT = "report"
 
 
 def _import_consumer(hint: list[str]) -> None:
@@ -132,15 +139,15 @@ def _import_consumer(hint: list[str]) -> None:
     # moment and faults its pages in as it needs them. Hinted as well
     # (libtorch_cpu.so alone is 434 MB), the parent's first write came no sooner (5 cold pairs,
     # medians 2.94 s with it, 2.98 s without) and the run ended later (8.96 s against 8.62 s).
-    before, opened = loaded_files(), _OpenedFiles()
+    before, opened = import_hint.loaded_files(), import_hint.OpenedFiles()
     try:
         report.import_consumer()
     except Exception:  # noqa: BLE001 - check_load says what is missing, in its own words
         pass
     finally:
         opened.recording = False
-    if (needed := sorted(_on_disk(loaded_files() | opened.files) - before)) != hint:
-        write_import_hint(needed)
+    if (needed := sorted(set(import_hint.on_disk(import_hint.loaded_files() | opened.files)) - before)) != hint:
+        import_hint.write(HINT, needed)
 
 
 def _child(questions, answerer, *parents_ends) -> None:
@@ -153,9 +160,9 @@ def _child(questions, answerer, *parents_ends) -> None:
     # the parent's start is no later for it). When the question's kept report still holds, the
     # import is dropped midway and costs the conversion nothing more. The hinted files (what the
     # import reads beyond torch's own import) are read ahead.
-    hint = read_import_hint()
+    hint = import_hint.read(HINT)
     if hint:
-        threading.Thread(target=prefetch, args=(hint,), daemon=True).start()
+        threading.Thread(target=import_hint.prefetch, args=(hint,), daemon=True).start()
     importer = threading.Thread(target=_import_consumer, args=(hint,), daemon=True)
     importer.start()
     try:
@@ -176,100 +183,4 @@ def _child(questions, answerer, *parents_ends) -> None:
     except Exception as error:  # an exception that does not pickle: its text does
         answerer.send(("error", RuntimeError(f"{type(outcome[1]).__name__}: {outcome[1]} ({error})")))
     if outcome[0] == "report":
-        report_cache.store(*question, outcome[1].to_json(), loaded_files())
-
-
-# -- the import hint ----------------------------------------------------------------------------------
-# Importing transformers' modeling code (torch itself is imported already) reads ~5,300 files:
-# modules (its own, torch's compiler stack, scipy's, sympy's), libraries, and the source of every
-# model transformers has (~1,700 files it reads, not imports, to list their exports). From a cold
-# cache, during a conversion, those reads queue behind the conversion's own: measured 5-6 s of
-# block-I/O wait for 3.5-3.9 s of CPU, and the conversion then waited 3-4 s for its report. So the
-# child records the files its import loaded or opened, in the user's cache folder, and the next run
-# asks the kernel to read them all at once (posix_fadvise WILLNEED) as it starts, while the disk is
-# still quiet. A hint only: a stale or missing list costs time, never correctness.
-# MOECONV_IMPORT_HINT=0 turns it off (nothing read or written).
-
-
-def hint_path() -> Path | None:
-    """Where this interpreter's hint lives (XDG_CACHE_HOME or ~/.cache), or None when turned off."""
-    if os.environ.get("MOECONV_IMPORT_HINT") == "0":
-        return None
-    key = hashlib.sha256(f"{sys.executable}\0{sys.version}".encode()).hexdigest()[:16]
-    return report_cache.user_cache() / f"report-imports-{key}.txt"
-
-
-def loaded_files() -> set[str]:
-    """The files this process has imported (compiled modules) or mapped (extensions and their libraries)."""
-    modules = list(sys.modules.values())
-    files = {getattr(m, "__cached__", None) for m in modules} | {getattr(m, "__file__", None) for m in modules}
-    try:
-        with open("/proc/self/maps") as maps:
-            files.update(fields[5].strip() for line in maps if len(fields := line.split(None, 5)) == 6)
-    except OSError:
-        pass
-    return {f for f in files if isinstance(f, str) and f.startswith("/")}
-
-
-class _OpenedFiles:
-    """The files this process opens while `recording` (an audit hook: reads of files that are not
-    imported, such as transformers' scan of every model's source, show up nowhere else)."""
-
-    def __init__(self):
-        self.files: set[str] = set()
-        self.recording = True
-        sys.addaudithook(self._record)  # cannot be removed: once stopped, one comparison per event
-
-    def _record(self, event: str, args: tuple) -> None:
-        if self.recording and event == "open" and isinstance(args[0], str):
-            self.files.add(args[0])
-
-
-def _on_disk(files: set[str]) -> set[str]:
-    """The absolute paths among `files` that are regular files now, without the kernel's (/proc,
-    /sys, /dev). Not the ones gone since: transformers' import probes the temp folder with a file
-    of a random name, which would make every run's list differ and be written again."""
-    return {f for f in files if f.startswith("/") and not f.startswith(("/proc/", "/sys/", "/dev/")) and os.path.isfile(f)}
-
-
-def read_import_hint() -> list[str]:
-    path = hint_path()
-    try:
-        return path.read_text(encoding="utf-8").splitlines() if path else []
-    except (OSError, UnicodeDecodeError):
-        return []
-
-
-def write_import_hint(files: list[str]) -> None:
-    path = hint_path()
-    if path is None:
-        return
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        temp.write_text("".join(f"{f}\n" for f in files), encoding="utf-8")
-        os.replace(temp, path)
-    except OSError:
-        pass
-
-
-def prefetch(files: list[str]) -> None:
-    """Bring `files` into the page cache: their folders' listings now (the import system lists
-    folders), their contents in the background (missing files are skipped)."""
-    for folder in dict.fromkeys(os.path.dirname(file) for file in files):
-        try:
-            os.listdir(folder)
-        except OSError:
-            pass
-    for file in files:
-        try:
-            fd = os.open(file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO in the list must not hang us
-        except OSError:
-            continue
-        try:
-            if stat.S_ISREG(os.fstat(fd).st_mode):  # not a device an edited hint names
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        report_cache.store(*question, outcome[1].to_json(), import_hint.loaded_files())

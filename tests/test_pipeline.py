@@ -286,6 +286,47 @@ def test_torch_libraries_load_before_the_import_without_importing_it():
     assert done.stdout.split() == ["True", "True", "False", "2.0"]
 
 
+TORCH_HINT_RUN = """
+import json, sys
+from moeconv import execute, import_hint
+seen = []
+import_hint.prefetch = seen.extend  # what the early import reads ahead
+execute._import_kernels()
+print(json.dumps({"prefetched": seen, "hint": import_hint.read(execute.TORCH_HINT)}))
+"""
+
+
+def test_the_early_import_records_what_torch_read_and_the_next_one_reads_it_ahead(monkeypatch, tmp_path):
+    """Fresh processes (here torch is imported already): the first records torch's module files
+    (not the libraries it maps, measured slower), the next prefetches exactly that list and,
+    reading the same files, leaves it as it is."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = json.loads(subprocess.run([sys.executable, "-c", TORCH_HINT_RUN], capture_output=True, text=True, check=True, timeout=300).stdout)
+    files = first["hint"]
+    assert first["prefetched"] == []  # nothing recorded yet
+    package = os.path.dirname(torch.__file__)
+    assert os.path.join(package, "__init__.py") in files and any(f.startswith(package) and f.endswith(".pyc") for f in files)
+    assert not any(f"{os.sep}lib{os.sep}libtorch" in f for f in files)
+    assert all(os.path.isfile(f) for f in files) and len(set(files)) == len(files)
+    hint = next((tmp_path / "moeconv").glob("torch-imports-*.txt"))
+    written = hint.stat().st_mtime_ns
+    second = json.loads(subprocess.run([sys.executable, "-c", TORCH_HINT_RUN], capture_output=True, text=True, check=True, timeout=300).stdout)
+    assert second == {"prefetched": files, "hint": files}
+    assert hint.stat().st_mtime_ns == written
+
+
+def test_an_early_import_after_torch_was_imported_leaves_the_hint_alone(monkeypatch, tmp_path):
+    """A library caller that imported torch itself: nothing to read ahead, nothing to learn."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    from moeconv import execute as executing, import_hint
+
+    import_hint.write(executing.TORCH_HINT, ["/nonexistent/torch/__init__.py"])
+    prefetched = []
+    monkeypatch.setattr(import_hint, "prefetch", prefetched.extend)
+    executing._import_kernels()
+    assert prefetched == [] and import_hint.read(executing.TORCH_HINT) == ["/nonexistent/torch/__init__.py"]
+
+
 @pytest.mark.parametrize("interrupted_call", [1, 2], ids=["journal", "first-shard"])
 def test_an_interrupt_as_a_temp_file_is_created_leaves_no_file(gpt_oss_mxfp4_dir, tmp_path, monkeypatch, interrupted_call):
     """Ctrl-C can land right after a temp file is created, before any code owns it (the open()

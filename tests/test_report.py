@@ -16,7 +16,7 @@ from safetensors import safe_open  # noqa: E402
 from transformers import AutoModelForCausalLM, GptOssConfig, MixtralConfig, Qwen3MoeConfig  # noqa: E402
 
 from moeconv.dtypes import to_safetensors  # noqa: E402
-from moeconv import report_process  # noqa: E402
+from moeconv import execute, import_hint, report_process  # noqa: E402
 from moeconv.report_process import BackgroundReport  # noqa: E402
 from moeconv.report import (  # noqa: E402
     TRANSFORMERS_MISSING,
@@ -350,9 +350,9 @@ def test_the_report_child_records_what_its_import_read_and_the_next_one_prefetch
     command = [sys.executable, "-m", "moeconv", "convert", str(tiny_gpt_oss_example_dir), str(tmp_path / "out"), "-p", "gpt-oss-bf16"]
     done = subprocess.run(command, capture_output=True, text=True, env=os.environ)
     assert done.returncode == 0, done.stderr
-    hint = report_process.hint_path()
+    hint = import_hint.hint_path(report_process.HINT)
     assert hint is not None and hint.parent == tmp_path / "moeconv"
-    files = report_process.read_import_hint()
+    files = import_hint.read(report_process.HINT)
     assert any("transformers" in f and "modeling_utils" in f and f.endswith(".pyc") for f in files)  # compiled code
     assert any("transformers" in f and f.endswith("modeling_utils.py") for f in files)  # sources: their mtime is read
     assert not any(f.startswith(("/proc/", "/sys/", "/dev/")) for f in files)
@@ -366,7 +366,7 @@ def test_the_report_child_records_what_its_import_read_and_the_next_one_prefetch
     os.mkfifo(tmp_path / "fifo")  # a hint is a file anyone with the cache folder can edit: odd entries never hang
     advised = []
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, *args: advised.append(os.readlink(f"/proc/self/fd/{fd}")))
-    report_process.prefetch([*files[:50], str(tmp_path / "gone.pyc"), str(tmp_path / "gone" / "x.py"), str(tmp_path / "fifo"), "/dev/zero"])
+    import_hint.prefetch([*files[:50], str(tmp_path / "gone.pyc"), str(tmp_path / "gone" / "x.py"), str(tmp_path / "fifo"), "/dev/zero"])
     assert advised and all(os.path.isfile(f) for f in advised)  # regular files only: not the FIFO, not a device
 
 
@@ -376,8 +376,8 @@ def test_the_hint_records_files_read_without_being_imported(tmp_path):
     read.write_text("x")
     later.write_text("y")
     script = (
-        "from moeconv.report_process import _OpenedFiles\n"
-        "opened = _OpenedFiles()\n"
+        "from moeconv.import_hint import OpenedFiles\n"
+        "opened = OpenedFiles()\n"
         f"open({str(read)!r}).read()\n"
         "opened.recording = False\n"
         f"open({str(later)!r}).read()\n"
@@ -390,12 +390,13 @@ def test_the_hint_records_files_read_without_being_imported(tmp_path):
 def test_the_import_hint_can_be_turned_off(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("MOECONV_IMPORT_HINT", "0")
-    assert report_process.hint_path() is None
-    report_process.write_import_hint(["/x"])
-    assert report_process.read_import_hint() == [] and not (tmp_path / "moeconv").exists()
+    for name in (report_process.HINT, execute.TORCH_HINT):
+        assert import_hint.hint_path(name) is None
+        import_hint.write(name, ["/x"])
+        assert import_hint.read(name) == [] and not (tmp_path / "moeconv").exists()
     monkeypatch.delenv("MOECONV_IMPORT_HINT")
-    report_process.write_import_hint(["/a", "/b"])
-    assert report_process.read_import_hint() == ["/a", "/b"]
+    import_hint.write(report_process.HINT, ["/a", "/b"])
+    assert import_hint.read(report_process.HINT) == ["/a", "/b"] and import_hint.read(execute.TORCH_HINT) == []
 
 
 def test_the_report_process_module_imports_neither_torch_nor_transformers():

@@ -1,0 +1,120 @@
+"""Import hints: the files an import read last time, read ahead as the next run starts.
+
+A cold import reads its files one at a time, each read waiting for the disk; during a conversion
+those small reads queue behind the conversion's own big ones. So what an import read is recorded
+in the user's cache folder (one list per interpreter and per import), and the next run asks the
+kernel to read the whole list at once (posix_fadvise WILLNEED), from a thread, before the import
+asks for each file. Two imports keep hints: the load report child's import of transformers'
+modeling code (report_process) and the converting process's own import of torch (execute).
+
+A hint only: a stale or missing list costs time, never correctness. Lists are plain text, one
+absolute path per line; odd entries (gone, a FIFO, a device) are skipped.
+MOECONV_IMPORT_HINT=0 turns them all off (nothing read or written).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+from moeconv import report_cache
+
+
+def hint_path(name: str) -> Path | None:
+    """Where this interpreter's hint for the import `name` lives (XDG_CACHE_HOME or ~/.cache), or
+    None when turned off."""
+    if os.environ.get("MOECONV_IMPORT_HINT") == "0":
+        return None
+    key = hashlib.sha256(f"{sys.executable}\0{sys.version}".encode()).hexdigest()[:16]
+    return report_cache.user_cache() / f"{name}-imports-{key}.txt"
+
+
+def read(name: str) -> list[str]:
+    path = hint_path(name)
+    try:
+        return path.read_text(encoding="utf-8").splitlines() if path else []
+    except (OSError, UnicodeDecodeError):
+        return []
+
+
+def write(name: str, files: list[str]) -> None:
+    path = hint_path(name)
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temp.write_text("".join(f"{f}\n" for f in files), encoding="utf-8")
+        os.replace(temp, path)
+    except OSError:
+        pass
+
+
+def loaded_files() -> set[str]:
+    """The files this process has imported (compiled modules) or mapped (extensions and their libraries)."""
+    files = set(module_files(list(sys.modules)))
+    try:
+        with open("/proc/self/maps") as maps:
+            files.update(fields[5].strip() for line in maps if len(fields := line.split(None, 5)) == 6)
+    except OSError:
+        pass
+    return {f for f in files if f.startswith("/")}
+
+
+def module_files(names: Iterable[str]) -> list[str]:
+    """The files of the modules `names` that are loaded, in that order: compiled code and source
+    (the import reads the source's mtime), or the extension. No libraries they map."""
+    files = {}
+    for name in names:
+        module = sys.modules.get(name)
+        for file in (getattr(module, "__cached__", None), getattr(module, "__file__", None)):
+            if isinstance(file, str) and file.startswith("/"):
+                files[file] = None
+    return list(files)
+
+
+class OpenedFiles:
+    """The files this process opens while `recording` (an audit hook: reads of files that are not
+    imported, such as transformers' scan of every model's source, show up nowhere else)."""
+
+    def __init__(self):
+        self.files: set[str] = set()
+        self.recording = True
+        sys.addaudithook(self._record)  # cannot be removed: once stopped, one comparison per event
+
+    def _record(self, event: str, args: tuple) -> None:
+        if self.recording and event == "open" and isinstance(args[0], str):
+            self.files.add(args[0])
+
+
+def on_disk(files: Iterable[str]) -> list[str]:
+    """The absolute paths among `files` that are regular files now (in their order), without the
+    kernel's (/proc, /sys, /dev). Not the ones gone since: transformers' import probes the temp
+    folder with a file of a random name, which would make every run's list differ and be written again."""
+    return [f for f in files if f.startswith("/") and not f.startswith(("/proc/", "/sys/", "/dev/")) and os.path.isfile(f)]
+
+
+def prefetch(files: list[str]) -> None:
+    """Bring `files` into the page cache: their folders' listings now (the import system lists
+    folders), their contents in the background (missing files are skipped)."""
+    for folder in dict.fromkeys(os.path.dirname(file) for file in files):
+        try:
+            os.listdir(folder)
+        except OSError:
+            pass
+    for file in files:
+        try:
+            fd = os.open(file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO in the list must not hang us
+        except OSError:
+            continue
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):  # not a device an edited hint names
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
