@@ -7,10 +7,12 @@ queue in write order (preads, torch kernels and file writes all release the GIL)
 bounded by the chunks in flight, and those live in recycled buffers (buffers.py): fresh pages
 cost more than the kernels.
 
-Pass-through tensors (no op, no cast) are copied as bytes and need no torch. Importing torch takes
-1-2 s cold, so it starts on a thread as the run begins (when any tensor needs an op) and the
-copies at the front of the first shard (embeddings, lm_head) go to disk meanwhile; the first
-computed chunk waits for the import.
+Tensors whose bytes are the source's as they are (a pass-through, or experts stacked or concatenated
+along dim 0: `Node.copies_bytes`) are copied as bytes and need no torch, so a conversion that
+only renames, drops or stacks (fuse-experts) never imports it. Importing torch takes 1-2 s cold,
+so it starts on a thread as the run begins (when any tensor needs an op) and the copies at the
+front of the first shard (embeddings, lm_head) go to disk meanwhile; the first computed chunk
+waits for the import.
 """
 
 import glob
@@ -34,7 +36,7 @@ from moeconv import buffers, dtypes, import_hint
 from moeconv.checksum import DEFAULT as DEFAULT_CHECKSUM
 from moeconv.checksum import file_checksum, new_hasher
 from moeconv.errors import InternalError, MoeconvError, OpError, WriteError
-from moeconv.graph import SourceNode, chunk_rows
+from moeconv.graph import chunk_rows
 from moeconv.plan import Plan, PlannedTensor
 from moeconv.writer import INDEX_NAME, ShardWriter, _fsync_dir, atomic_write_bytes, fsync_file, write_index
 
@@ -88,19 +90,20 @@ def _chunks(tensor: PlannedTensor, budget: int):
 
 
 def copies_bytes(tensor: PlannedTensor) -> bool:
-    """A pass-through tensor: its chunks are the source's bytes (memoryviews, no torch)."""
-    return isinstance(tensor.node, SourceNode)
+    """Its chunks are source bytes as they are (a pass-through, or experts stacked or concatenated
+    along dim 0): read and written as bytes, no torch."""
+    return tensor.node.copies_bytes
 
 
 def _produce(tensor: PlannedTensor, rows: Chunk | None):
-    """Chunk `rows` of the tensor: a contiguous tensor, or bytes for a pass-through."""
+    """Chunk `rows` of the tensor: a contiguous tensor, or for a byte copy a tuple of memoryviews
+    (one per source range: a stacked expert's gate rows, then its up rows) to write in turn."""
     node = tensor.node
     if copies_bytes(tensor):
-        if rows is None:
-            return node.checkpoint.read_bytes(node.key)
-        if rows.inner is None:
-            return node.checkpoint.read_bytes(node.key, rows.start, rows.stop)
-        return node.checkpoint.read_bytes(node.key, *rows.inner, within=rows.start)
+        if rows is None:  # a 0-d tensor: a source's own
+            return (node.checkpoint.read_bytes(node.key),)
+        found = node.pieces(rows.start, rows.stop) if rows.inner is None else node.pieces(*rows.inner, within=rows.start)
+        return tuple(source.checkpoint.read_bytes(source.key, a, b, within=within) for source, a, b, within in found)
     try:
         if rows is None:
             chunk = node.whole()
@@ -523,7 +526,8 @@ def execute(
                     background = _BackgroundWriter(writer, progress, layout.name, niceness)
                     try:
                         for tensor, chunk, last in compute.ordered(_jobs(plan, layout, chunk_bytes)):
-                            background.put(tensor.key, chunk)
+                            for piece in chunk if isinstance(chunk, tuple) else (chunk,):
+                                background.put(tensor.key, piece)
                             if delay:
                                 time.sleep(delay)
                             if last:

@@ -27,6 +27,7 @@ class Node:
     shape: tuple[int, ...]
     materializes: bool = False  # computed whole before slicing (memory grows with this tensor)
     splits_rows: bool = False  # rows_within reads only what it returns (a huge row can be chunked)
+    copies_bytes: bool = False  # every row is some source tensor's rows as they are: `pieces` says where
 
     @property
     def nbytes(self) -> int:
@@ -49,11 +50,18 @@ class Node:
     def release(self) -> None:
         """Drop any cached data (called once the tensor is written)."""
 
+    def pieces(self, start: int, stop: int, within: int | None = None) -> list[tuple[SourceNode, int, int, int | None]]:
+        """Where rows start:stop (of row `within`'s own first axis, when given) are in the source,
+        in order: (source tensor, start, stop, within) row ranges; only when `copies_bytes` (a
+        conversion then copies them as bytes, without torch)."""
+        raise TypeError(f"{type(self).__name__}: its rows are computed, not source bytes")
+
 
 class SourceNode(Node):
     """A tensor of the source checkpoint, read zero-copy by row blocks."""
 
     splits_rows = True
+    copies_bytes = True
 
     def __init__(self, checkpoint, key: str, dtype: str, shape: tuple[int, ...]):
         self.checkpoint, self.key, self.dtype, self.shape = checkpoint, key, dtype, shape
@@ -67,6 +75,9 @@ class SourceNode(Node):
 
     def _scalar(self) -> torch.Tensor:
         return self.checkpoint.read(self.key)
+
+    def pieces(self, start: int, stop: int, within: int | None = None) -> list[tuple[SourceNode, int, int, int | None]]:
+        return [(self, start, stop, within)]
 
 
 class OpNode(Node):
@@ -85,6 +96,16 @@ class OpNode(Node):
         self.splits_rows = op == "stack" and callable(self._router) and not any(m.materializes for m in inputs)
         self._cache: torch.Tensor | None = None
         self._lock = threading.Lock()
+        # Ops that only move whole rows along dim 0 (a stack of experts, a concat of gate and up)
+        # of tensors that are themselves source bytes: their rows are source rows, copied as such.
+        # (An unstack only of a source tensor or a stack: rows within rows go no deeper.)
+        self.copies_bytes = (
+            bool(self.shape)
+            and callable(self._router)  # an op along dim 0 that only moves rows
+            and self.op in ("stack", "concat", "split", "unstack")
+            and all(node.copies_bytes and node.shape and node.dtype == self.dtype for node in inputs)
+            and (self.op != "unstack" or isinstance(inputs[0], SourceNode) or inputs[0].op == "stack")
+        )
 
     def _route_rows(self):
         """For ops along dim 0 that only move whole rows: a function (start, stop) -> rows."""
@@ -105,6 +126,28 @@ class OpNode(Node):
         if self.splits_rows:
             return self.inputs[index].rows(start, stop)  # [stop-start, *member.shape[1:]]
         return super().rows_within(index, start, stop)
+
+    def pieces(self, start: int, stop: int, within: int | None = None) -> list[tuple[SourceNode, int, int, int | None]]:
+        if not self.copies_bytes:
+            return super().pieces(start, stop, within)
+        if within is not None:  # rows of one stacked member (splits_rows); only stacks are asked
+            if self.op != "stack":
+                raise TypeError(f"{self.op}: no rows within rows")
+            return self.inputs[within].pieces(start, stop)
+        if self.op == "stack":
+            return [piece for member in self.inputs[start:stop] for piece in member.pieces(0, member.shape[0])]
+        if self.op == "unstack":
+            return self.inputs[0].pieces(start, stop, self.index)
+        if self.op == "split":
+            offset = self.index * self.shape[0]
+            return self.inputs[0].pieces(offset + start, offset + stop)
+        found, offset = [], 0  # concat
+        for node in self.inputs:
+            lo, hi = max(start, offset), min(stop, offset + node.shape[0])
+            if lo < hi:
+                found += node.pieces(lo - offset, hi - offset)
+            offset += node.shape[0]
+        return found
 
     def _stack_rows(self, start: int, stop: int) -> torch.Tensor:
         members = [m.whole() for m in self.inputs[start:stop]]

@@ -199,9 +199,9 @@ def sample_rows(length: int, count: int) -> list[int]:
     return sorted({round(i * (length - 1) / (count - 1)) for i in range(count)})
 
 
-def _as_bytes(chunk: torch.Tensor | memoryview) -> bytes:
-    if isinstance(chunk, memoryview):  # a pass-through's bytes
-        return chunk.tobytes()
+def _as_bytes(chunk: torch.Tensor | tuple[memoryview, ...]) -> bytes:
+    if isinstance(chunk, tuple):  # source bytes as they are (a pass-through, stacked experts)
+        return b"".join(piece.tobytes() for piece in chunk)
     return chunk.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 

@@ -242,7 +242,7 @@ NO_TORCH_RUN = """
 import sys
 from typer.testing import CliRunner
 from moeconv.cli import app
-result = CliRunner().invoke(app, ["convert", sys.argv[1], sys.argv[2], "--recipe", sys.argv[3]])
+result = CliRunner().invoke(app, ["convert", *sys.argv[1:]])
 assert result.exit_code == 0, result.output
 print(sorted(name for name in sys.modules if name.split(".")[0] == "torch"))
 """
@@ -257,7 +257,7 @@ def test_a_conversion_that_only_copies_bytes_never_imports_torch(mixtral_dir, tm
     out = tmp_path / "out"
     env = {**os.environ, "MOECONV_CHUNK_BYTES": "4096"}
     done = subprocess.run(
-        [sys.executable, "-c", NO_TORCH_RUN, str(mixtral_dir), str(out), str(recipe)],
+        [sys.executable, "-c", NO_TORCH_RUN, str(mixtral_dir), str(out), "--recipe", str(recipe)],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert done.returncode == 0, done.stderr + done.stdout
@@ -269,6 +269,53 @@ def test_a_conversion_that_only_copies_bytes_never_imports_torch(mixtral_dir, tm
     for key, tensor in renamed.items():
         assert written[key].dtype == tensor.dtype and torch.equal(written[key].view(torch.uint8), tensor.view(torch.uint8)), key
     assert json.loads((out / REPORT_NAME).read_text())["consumer"].startswith("transformers ")
+
+
+def test_fusing_experts_copies_bytes_without_torch(mixtral_dir, tmp_path):
+    """Stacking experts and concatenating gate and up rows along dim 0 moves bytes only: the
+    conversion runs without torch in the process, and with chunks of 3 rows of an expert (64-byte
+    rows; I = 16, so rows 15:18 straddle gate and up) the fused tensors are torch.stack / torch.cat
+    of the source."""
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-c", NO_TORCH_RUN, str(mixtral_dir), str(out), "--preset", "fuse-experts"],
+        capture_output=True, text=True, env={**os.environ, "MOECONV_CHUNK_BYTES": "192"}, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    source = {k: v for f in sorted(mixtral_dir.glob("*.safetensors")) for k, v in load_file(f).items()}
+    written = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert source["model.layers.0.block_sparse_moe.experts.0.w1.weight"].shape == (16, 32)  # the rows the chunks cut
+    experts = sorted({int(k.split(".")[5]) for k in source if ".experts." in k})
+    for layer in sorted({int(k.split(".")[2]) for k in source if k.startswith("model.layers.")}):
+        member = f"model.layers.{layer}.block_sparse_moe.experts.{{}}.{{}}.weight"
+        gate_up = torch.stack([torch.cat([source[member.format(e, "w1")], source[member.format(e, "w3")]]) for e in experts])
+        down = torch.stack([source[member.format(e, "w2")] for e in experts])
+        assert torch.equal(written[f"model.layers.{layer}.mlp.experts.gate_up_proj"].view(torch.uint8), gate_up.view(torch.uint8))
+        assert torch.equal(written[f"model.layers.{layer}.mlp.experts.down_proj"].view(torch.uint8), down.view(torch.uint8))
+
+
+@pytest.mark.parametrize("chunk_bytes", [64, 192, 4096, 1 << 20])
+def test_rows_copied_as_bytes_equal_what_the_ops_compute(mixtral_dir, tmp_path, chunk_bytes):
+    """stack, concat (fuse-experts) and unstack, split (unfuse-experts): every chunk's source
+    byte ranges (Node.pieces) hold exactly what the ops compute with torch, rows split or not."""
+    from moeconv import execute as executing
+    from moeconv.graph import OpNode
+    from moeconv.verify import _as_bytes
+
+    fused = tmp_path / "fused"
+    execute(build_plan(Checkpoint.open(mixtral_dir), [load_preset("fuse-experts")]), fused)
+    for source, preset in ((mixtral_dir, "fuse-experts"), (fused, "unfuse-experts")):
+        plan = build_plan(Checkpoint.open(source), [load_preset(preset)])
+        moved = [t for t in plan.tensors.values() if isinstance(t.node, OpNode)]
+        assert moved and all(t.node.copies_bytes for t in moved)
+        for tensor in moved:
+            for rows in executing._chunks(tensor, chunk_bytes):
+                as_bytes = _as_bytes(executing._produce(tensor, rows))
+                tensor.node.copies_bytes = False  # the same chunk through the ops
+                computed = _as_bytes(executing._produce(tensor, rows))
+                tensor.node.copies_bytes = True
+                assert as_bytes == computed, (preset, tensor.key, rows)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
