@@ -192,7 +192,7 @@ def _load_torch_libraries() -> None:
         pass
 
 
-TORCH_HINT = "torch"  # the files `import torch` read last time (import_hint.py)
+TORCH_HINT = import_hint.TORCH
 
 
 def _import_kernels() -> None:
@@ -209,8 +209,7 @@ def _import_kernels() -> None:
     if "torch" not in before:  # else nothing to learn (torch was imported by whoever called us)
         # Not the libraries it maps: hinted, libtorch_cpu.so alone (434 MB) delayed the run (report_process.py).
         imported = import_hint.on_disk(import_hint.module_files([name for name in list(sys.modules) if name not in before]))
-        if imported != hint:
-            import_hint.write(TORCH_HINT, imported)
+        import_hint.learn(TORCH_HINT, imported, hint)
 
 
 def import_torch_early(plan: Plan) -> None:

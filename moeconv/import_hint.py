@@ -4,8 +4,9 @@ A cold import reads its files one at a time, each read waiting for the disk; dur
 those small reads queue behind the conversion's own big ones. So what an import read is recorded
 in the user's cache folder (one list per interpreter and per import), and the next run asks the
 kernel to read the whole list at once (posix_fadvise WILLNEED), from a thread, before the import
-asks for each file. Two imports keep hints: the load report child's import of transformers'
-modeling code (report_process) and the converting process's own import of torch (execute).
+asks for each file. Two imports keep hints: torch's (learnt and read ahead by the converting
+process, execute, and by the load report's child, report_process, whichever imports it) and the
+child's import of transformers' modeling code on top of it.
 
 A hint only: a stale or missing list costs time, never correctness. Lists are plain text, one
 absolute path per line; odd entries (gone, a FIFO, a device) are skipped.
@@ -22,6 +23,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from moeconv import report_cache
+
+TORCH = "torch"  # what `import torch` read: learnt by whichever process imports it (execute, report_process)
 
 
 def hint_path(name: str) -> Path | None:
@@ -52,6 +55,16 @@ def write(name: str, files: list[str]) -> None:
         os.replace(temp, path)
     except OSError:
         pass
+
+
+def learn(name: str, files: list[str], hint: list[str]) -> None:
+    """Add to hint `name` (as read: `hint`) the `files` it lacks, keeping its entries still on
+    disk; write nothing when it lacks none. Two processes that each learn their own view of one
+    import (the converting process and the load report's child both import torch) then agree
+    after one run instead of rewriting each other's list every run."""
+    known = set(hint)
+    if missing := [f for f in files if f not in known]:
+        write(name, on_disk(hint) + missing)
 
 
 def loaded_files() -> set[str]:

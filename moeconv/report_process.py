@@ -129,16 +129,22 @@ def answer(planned: Planned, config: dict | None) -> LoadReport:
 HINT = "report"
 
 
-def _import_consumer(hint: list[str]) -> None:
-    """Import what check_load runs, and rewrite the import hint if that read other files than it lists."""
+def _import_consumer(hint: list[str], torch_hint: list[str]) -> None:
+    """Import what check_load runs, and rewrite the import hints if that read other files than they list."""
+    started = set(sys.modules)
     import torch  # noqa: F401 - first, so that what its own import reads stays out of the hint
 
     from moeconv import report
 
-    # What `import torch` itself reads is left out of the hint: the parent imports torch at this
-    # moment and faults its pages in as it needs them. Hinted as well
-    # (libtorch_cpu.so alone is 434 MB), the parent's first write came no sooner (5 cold pairs,
-    # medians 2.94 s with it, 2.98 s without) and the run ended later (8.96 s against 8.62 s).
+    # torch's own import has its hint (execute.py): when the conversion needs no torch (fuse-experts
+    # copies bytes), this child is the only one to learn it, and the only one to read it ahead.
+    torch_files = import_hint.module_files([name for name in list(sys.modules) if name not in started])
+    import_hint.learn(import_hint.TORCH, import_hint.on_disk(torch_files), torch_hint)
+
+    # What `import torch` read stays out of this hint; its own lists module files only. torch's
+    # libraries, hinted as well (libtorch_cpu.so alone is 434 MB), made the parent's first write
+    # no sooner (5 cold pairs, medians 2.94 s with them, 2.98 s without) and the run end later
+    # (8.96 s against 8.62 s).
     before, opened = import_hint.loaded_files(), import_hint.OpenedFiles()
     try:
         report.import_consumer()
@@ -160,10 +166,10 @@ def _child(questions, answerer, *parents_ends) -> None:
     # the parent's start is no later for it). When the question's kept report still holds, the
     # import is dropped midway and costs the conversion nothing more. The hinted files (what the
     # import reads beyond torch's own import) are read ahead.
-    hint = import_hint.read(HINT)
-    if hint:
-        threading.Thread(target=import_hint.prefetch, args=(hint,), daemon=True).start()
-    importer = threading.Thread(target=_import_consumer, args=(hint,), daemon=True)
+    hint, torch_hint = import_hint.read(HINT), import_hint.read(import_hint.TORCH)
+    if hint or torch_hint:
+        threading.Thread(target=import_hint.prefetch, args=(torch_hint + hint,), daemon=True).start()
+    importer = threading.Thread(target=_import_consumer, args=(hint, torch_hint), daemon=True)
     importer.start()
     try:
         question = questions.recv()

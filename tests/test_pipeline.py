@@ -276,13 +276,16 @@ def test_fusing_experts_copies_bytes_without_torch(mixtral_dir, tmp_path):
     conversion runs without torch in the process, and with chunks of 3 rows of an expert (64-byte
     rows; I = 16, so rows 15:18 straddle gate and up) the fused tensors are torch.stack / torch.cat
     of the source."""
-    out = tmp_path / "out"
+    out, cache = tmp_path / "out", tmp_path / "cache"
     done = subprocess.run(
         [sys.executable, "-c", NO_TORCH_RUN, str(mixtral_dir), str(out), "--preset", "fuse-experts"],
-        capture_output=True, text=True, env={**os.environ, "MOECONV_CHUNK_BYTES": "192"}, timeout=300,
+        capture_output=True, text=True, env={**os.environ, "MOECONV_CHUNK_BYTES": "192", "XDG_CACHE_HOME": str(cache)}, timeout=300,
     )
     assert done.returncode == 0, done.stderr + done.stdout
     assert done.stdout.strip().splitlines()[-1] == "[]"
+    # torch's import hint, then, is learnt by the load report's child, the one process that imports it
+    learnt = next((cache / "moeconv").glob("torch-imports-*.txt")).read_text().splitlines()
+    assert os.path.join(os.path.dirname(torch.__file__), "__init__.py") in learnt
     source = {k: v for f in sorted(mixtral_dir.glob("*.safetensors")) for k, v in load_file(f).items()}
     written = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
     assert source["model.layers.0.block_sparse_moe.experts.0.w1.weight"].shape == (16, 32)  # the rows the chunks cut
@@ -360,6 +363,26 @@ def test_the_early_import_records_what_torch_read_and_the_next_one_reads_it_ahea
     second = json.loads(subprocess.run([sys.executable, "-c", TORCH_HINT_RUN], capture_output=True, text=True, check=True, timeout=300).stdout)
     assert second == {"prefetched": files, "hint": files}
     assert hint.stat().st_mtime_ns == written
+
+
+def test_a_hint_learns_what_it_lacks_and_drops_what_is_gone(monkeypatch, tmp_path):
+    """Two processes learn torch's import (the conversion and the report child) from their own
+    points of view: the hint keeps the union, so neither rewrites it on every run."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    from moeconv import import_hint
+
+    a, b, c = (tmp_path / name for name in "abc")
+    for file in (a, b, c):
+        file.write_text("x")
+    import_hint.learn("t", [str(a), str(b)], [])
+    assert import_hint.read("t") == [str(a), str(b)]
+    path = import_hint.hint_path("t")
+    written = path.stat().st_mtime_ns
+    import_hint.learn("t", [str(b)], import_hint.read("t"))  # the other process's view: nothing new
+    assert path.stat().st_mtime_ns == written
+    b.unlink()
+    import_hint.learn("t", [str(c)], import_hint.read("t"))
+    assert import_hint.read("t") == [str(a), str(c)]
 
 
 def test_an_early_import_after_torch_was_imported_leaves_the_hint_alone(monkeypatch, tmp_path):

@@ -162,7 +162,7 @@ def test_a_recalled_report_does_not_wait_for_the_childs_import(cache, monkeypatc
     config = mixtral()
     planned = meta_planned(config)
     report_process.answer(planned, config)  # kept
-    monkeypatch.setattr(report_process, "_import_consumer", lambda hint: time.sleep(300))  # before the fork
+    monkeypatch.setattr(report_process, "_import_consumer", lambda *hints: time.sleep(300))  # before the fork
     start = time.monotonic()
     background = BackgroundReport()
     child = background._process
