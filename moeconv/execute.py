@@ -9,7 +9,7 @@ cost more than the kernels.
 
 Tensors whose bytes are the source's as they are (a pass-through, or experts stacked or concatenated
 along dim 0: `Node.copies_bytes`) are copied as bytes and need no torch, so a conversion that
-only renames, drops or stacks (fuse-experts) never imports it. Importing torch takes 1-2 s cold,
+only renames, drops, fuses or unfuses experts (fuse-experts, unfuse-experts) never imports it. Importing torch takes 1-2 s cold,
 so it starts on a thread as the run begins (when any tensor needs an op) and the copies at the
 front of the first shard (embeddings, lm_head) go to disk meanwhile; the first computed chunk
 waits for the import.

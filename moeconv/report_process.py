@@ -134,12 +134,12 @@ def _import_consumer(hint: list[str], torch_hint: list[str]) -> None:
     started = set(sys.modules)
     import torch  # noqa: F401 - first, so that what its own import reads stays out of the hint
 
-    from moeconv import report
-
     # torch's own import has its hint (execute.py): when the conversion needs no torch (fuse-experts
     # copies bytes), this child is the only one to learn it, and the only one to read it ahead.
     torch_files = import_hint.module_files([name for name in list(sys.modules) if name not in started])
     import_hint.learn(import_hint.TORCH, import_hint.on_disk(torch_files), torch_hint)
+
+    from moeconv import report
 
     # What `import torch` read stays out of this hint; its own lists module files only. torch's
     # libraries, hinted as well (libtorch_cpu.so alone is 434 MB), made the parent's first write
