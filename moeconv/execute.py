@@ -7,12 +7,12 @@ queue in write order (preads, torch kernels and file writes all release the GIL)
 bounded by the chunks in flight, and those live in recycled buffers (buffers.py): fresh pages
 cost more than the kernels.
 
-Tensors whose bytes are the source's as they are (a pass-through, or experts stacked or concatenated
-along dim 0: `Node.copies_bytes`) are copied as bytes and need no torch, so a conversion that
-only renames, drops, fuses or unfuses experts (fuse-experts, unfuse-experts) never imports it. Importing torch takes 1-2 s cold,
-so it starts on a thread as the run begins (when any tensor needs an op) and the copies at the
-front of the first shard (embeddings, lm_head) go to disk meanwhile; the first computed chunk
-waits for the import.
+Tensors whose bytes are the source's as they are (a pass-through, or experts stacked or
+concatenated along dim 0: `Node.copies_bytes`) are copied as bytes and need no torch, so a
+conversion that only renames, drops, fuses or unfuses experts (fuse-experts, unfuse-experts) never
+imports it. Importing torch takes 1-2 s cold, so it starts on a thread as the run begins (when any
+tensor needs an op) and the copies at the front of the first shard (embeddings, lm_head) go to
+disk meanwhile; the first computed chunk waits for the import.
 """
 
 import glob
@@ -192,24 +192,20 @@ def _load_torch_libraries() -> None:
         pass
 
 
-TORCH_HINT = import_hint.TORCH
-
-
 def _import_kernels() -> None:
     """Import torch and the MXFP4 kernel, its ~1,750 module files read ahead from the import hint:
     read one at a time as the import asks, they queue behind the copies' big reads, and the expert
     kernels wait for the import. A small gain, if any (2-layer gpt-oss, cold, report recalled:
     faster in 16 of 26 interleaved pairs, medians 0.7-4.6 % lower; benchmarks/RESULTS.md)."""
-    before = set(sys.modules)
-    hint = import_hint.read(TORCH_HINT) if "torch" not in before else []
-    if hint:
-        threading.Thread(target=import_hint.prefetch, args=(hint,), name="moeconv-prefetch", daemon=True).start()
+    if "torch" in sys.modules:  # imported by whoever called us: nothing to read ahead or learn
+        importlib.import_module("moeconv.mxfp4")
+        return
+    before, hint = set(sys.modules), import_hint.read(import_hint.TORCH)
+    import_hint.read_ahead(hint)
     _load_torch_libraries()
     importlib.import_module("moeconv.mxfp4")  # torch, and the MXFP4 kernel's tables
-    if "torch" not in before:  # else nothing to learn (torch was imported by whoever called us)
-        # Not the libraries it maps: hinted, libtorch_cpu.so alone (434 MB) delayed the run (report_process.py).
-        imported = import_hint.on_disk(import_hint.module_files([name for name in list(sys.modules) if name not in before]))
-        import_hint.learn(TORCH_HINT, imported, hint)
+    # Module files only: hinted, torch's libraries (libtorch_cpu.so alone is 434 MB) delayed the run (report_process.py).
+    import_hint.learn(import_hint.TORCH, import_hint.imported_since(before), hint)
 
 
 def import_torch_early(plan: Plan) -> None:

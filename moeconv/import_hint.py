@@ -19,6 +19,7 @@ import hashlib
 import os
 import stat
 import sys
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -78,6 +79,11 @@ def loaded_files() -> set[str]:
     return {f for f in files if f.startswith("/")}
 
 
+def imported_since(before: set[str]) -> list[str]:
+    """The files (on disk, in import order) of the modules imported since `before` = set(sys.modules)."""
+    return on_disk(module_files([name for name in list(sys.modules) if name not in before]))
+
+
 def module_files(names: Iterable[str]) -> list[str]:
     """The files of the modules `names` that are loaded, in that order: compiled code and source
     (the import reads the source's mtime), or the extension. No libraries they map."""
@@ -109,6 +115,12 @@ def on_disk(files: Iterable[str]) -> list[str]:
     kernel's (/proc, /sys, /dev). Not the ones gone since: transformers' import probes the temp
     folder with a file of a random name, which would make every run's list differ and be written again."""
     return [f for f in files if f.startswith("/") and not f.startswith(("/proc/", "/sys/", "/dev/")) and os.path.isfile(f)]
+
+
+def read_ahead(files: list[str]) -> None:
+    """`prefetch(files)` on a thread of its own (nothing when the list is empty)."""
+    if files:
+        threading.Thread(target=lambda: prefetch(files), name="moeconv-prefetch", daemon=True).start()
 
 
 def prefetch(files: list[str]) -> None:

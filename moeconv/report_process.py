@@ -7,8 +7,8 @@ torch and plans, the child imports torch and transformers on the other core (col
 conversion's own I/O fills the disk queue), then waits for the planned keys and answers. On a
 thread the import held the GIL the conversion's threads need (3x slower, the conversion stalled).
 
-The child also keeps an import hint (import_hint.py) so that, from the second run on, the library files
-its import reads are fetched while the disk is still quiet, and it keeps every report it computes
+The child also keeps import hints (import_hint.py) so that, from the second run on, the files its
+import reads are fetched while the disk is still quiet, and it keeps every report it computes
 (report_cache): a later run asking the same question of the same code gets it back and drops its
 import midway.
 
@@ -136,8 +136,7 @@ def _import_consumer(hint: list[str], torch_hint: list[str]) -> None:
 
     # torch's own import has its hint (execute.py): when the conversion needs no torch (fuse-experts
     # copies bytes), this child is the only one to learn it, and the only one to read it ahead.
-    torch_files = import_hint.module_files([name for name in list(sys.modules) if name not in started])
-    import_hint.learn(import_hint.TORCH, import_hint.on_disk(torch_files), torch_hint)
+    import_hint.learn(import_hint.TORCH, import_hint.imported_since(started), torch_hint)
 
     from moeconv import report
 
@@ -167,8 +166,7 @@ def _child(questions, answerer, *parents_ends) -> None:
     # import is dropped midway and costs the conversion nothing more. The hinted files (what the
     # import reads beyond torch's own import) are read ahead.
     hint, torch_hint = import_hint.read(HINT), import_hint.read(import_hint.TORCH)
-    if hint or torch_hint:
-        threading.Thread(target=import_hint.prefetch, args=(torch_hint + hint,), daemon=True).start()
+    import_hint.read_ahead(torch_hint + hint)
     importer = threading.Thread(target=_import_consumer, args=(hint, torch_hint), daemon=True)
     importer.start()
     try:

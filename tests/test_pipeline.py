@@ -342,7 +342,7 @@ from moeconv import execute, import_hint
 seen = []
 import_hint.prefetch = seen.extend  # what the early import reads ahead
 execute._import_kernels()
-print(json.dumps({"prefetched": seen, "hint": import_hint.read(execute.TORCH_HINT)}))
+print(json.dumps({"prefetched": seen, "hint": import_hint.read(import_hint.TORCH)}))
 """
 
 
@@ -390,11 +390,11 @@ def test_an_early_import_after_torch_was_imported_leaves_the_hint_alone(monkeypa
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     from moeconv import execute as executing, import_hint
 
-    import_hint.write(executing.TORCH_HINT, ["/nonexistent/torch/__init__.py"])
+    import_hint.write(import_hint.TORCH, ["/nonexistent/torch/__init__.py"])
     prefetched = []
     monkeypatch.setattr(import_hint, "prefetch", prefetched.extend)
     executing._import_kernels()
-    assert prefetched == [] and import_hint.read(executing.TORCH_HINT) == ["/nonexistent/torch/__init__.py"]
+    assert prefetched == [] and import_hint.read(import_hint.TORCH) == ["/nonexistent/torch/__init__.py"]
 
 
 @pytest.mark.parametrize("interrupted_call", [1, 2], ids=["journal", "first-shard"])

@@ -16,7 +16,7 @@ from safetensors import safe_open  # noqa: E402
 from transformers import AutoModelForCausalLM, GptOssConfig, MixtralConfig, Qwen3MoeConfig  # noqa: E402
 
 from moeconv.dtypes import to_safetensors  # noqa: E402
-from moeconv import execute, import_hint, report_process  # noqa: E402
+from moeconv import import_hint, report_process  # noqa: E402
 from moeconv.report_process import BackgroundReport  # noqa: E402
 from moeconv.report import (  # noqa: E402
     TRANSFORMERS_MISSING,
@@ -390,13 +390,13 @@ def test_the_hint_records_files_read_without_being_imported(tmp_path):
 def test_the_import_hint_can_be_turned_off(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("MOECONV_IMPORT_HINT", "0")
-    for name in (report_process.HINT, execute.TORCH_HINT):
+    for name in (report_process.HINT, import_hint.TORCH):
         assert import_hint.hint_path(name) is None
         import_hint.write(name, ["/x"])
         assert import_hint.read(name) == [] and not (tmp_path / "moeconv").exists()
     monkeypatch.delenv("MOECONV_IMPORT_HINT")
     import_hint.write(report_process.HINT, ["/a", "/b"])
-    assert import_hint.read(report_process.HINT) == ["/a", "/b"] and import_hint.read(execute.TORCH_HINT) == []
+    assert import_hint.read(report_process.HINT) == ["/a", "/b"] and import_hint.read(import_hint.TORCH) == []
 
 
 def test_the_report_process_module_imports_neither_torch_nor_transformers():
