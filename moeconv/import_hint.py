@@ -21,10 +21,12 @@ import stat
 import sys
 import threading
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from moeconv import report_cache
 
+PARALLEL = 32  # threads of a prefetch that must not wait behind a conversion's reads (see prefetch)
 TORCH = "torch"  # what `import torch` read: learnt by whichever process imports it (execute, report_process)
 
 
@@ -117,29 +119,47 @@ def on_disk(files: Iterable[str]) -> list[str]:
     return [f for f in files if f.startswith("/") and not f.startswith(("/proc/", "/sys/", "/dev/")) and os.path.isfile(f)]
 
 
-def read_ahead(files: list[str]) -> None:
-    """`prefetch(files)` on a thread of its own (nothing when the list is empty)."""
+def read_ahead(files: list[str], threads: int = 1) -> None:
+    """`prefetch(files, threads)` on a thread of its own (nothing when the list is empty)."""
     if files:
-        threading.Thread(target=lambda: prefetch(files), name="moeconv-prefetch", daemon=True).start()
+        threading.Thread(target=lambda: prefetch(files, threads), name="moeconv-prefetch", daemon=True).start()
 
 
-def prefetch(files: list[str]) -> None:
+def prefetch(files: list[str], threads: int = 1) -> None:
     """Bring `files` into the page cache: their folders' listings now (the import system lists
-    folders), their contents in the background (missing files are skipped)."""
-    for folder in dict.fromkeys(os.path.dirname(file) for file in files):
-        try:
-            os.listdir(folder)
-        except OSError:
-            pass
-    for file in files:
-        try:
-            fd = os.open(file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO in the list must not hang us
-        except OSError:
-            continue
-        try:
-            if stat.S_ISREG(os.fstat(fd).st_mode):  # not a device an edited hint names
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+    folders), their contents in the background (missing files are skipped). `threads`: how many
+    folders and files to work on at once (see PARALLEL)."""
+    folders = list(dict.fromkeys(os.path.dirname(file) for file in files))
+    # Listing a folder and opening a file wait for metadata reads, one at a time per thread, and
+    # behind a conversion's big reads each waits its turn: 1,328 folders took 6.0 s listed one at a
+    # time beside an O_DIRECT copy (0.17 s on a quiet disk) and 0.6-0.9 s listed 32-64 at once.
+    with ThreadPoolExecutor(threads, thread_name_prefix="moeconv-prefetch") as pool:
+        for step, items in ((_list_folder, folders), (_read_ahead_file, files)):  # every folder before any file
+            list(pool.map(lambda part, step=step: [step(item) for item in part], _dealt(items, threads)))
+
+
+def _dealt(items: list[str], hands: int) -> list[list[str]]:
+    """`items` dealt round-robin into `hands` parts: each part in the items' order, so the first
+    ones (the first an import needs) go first in every thread."""
+    return [items[k::hands] for k in range(min(hands, len(items)))]
+
+
+def _list_folder(folder: str) -> None:
+    try:
+        os.listdir(folder)
+    except OSError:
+        pass
+
+
+def _read_ahead_file(file: str) -> None:
+    try:
+        fd = os.open(file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO in the list must not hang us
+    except OSError:
+        return
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):  # not a device an edited hint names
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

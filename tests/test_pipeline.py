@@ -339,10 +339,13 @@ def test_torch_libraries_load_before_the_import_without_importing_it():
 TORCH_HINT_RUN = """
 import json, sys
 from moeconv import execute, import_hint
-seen = []
-import_hint.prefetch = seen.extend  # what the early import reads ahead
+seen, threads = [], []
+def prefetch(files, at_once=1):  # what the early import reads ahead, and how many files at once
+    seen.extend(files)
+    threads.append(at_once)
+import_hint.prefetch = prefetch
 execute._import_kernels()
-print(json.dumps({"prefetched": seen, "hint": import_hint.read(import_hint.TORCH)}))
+print(json.dumps({"prefetched": seen, "threads": threads, "hint": import_hint.read(import_hint.TORCH)}))
 """
 
 
@@ -353,7 +356,7 @@ def test_the_early_import_records_what_torch_read_and_the_next_one_reads_it_ahea
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     first = json.loads(subprocess.run([sys.executable, "-c", TORCH_HINT_RUN], capture_output=True, text=True, check=True, timeout=300).stdout)
     files = first["hint"]
-    assert first["prefetched"] == []  # nothing recorded yet
+    assert first["prefetched"] == [] and first["threads"] == []  # nothing recorded yet
     package = os.path.dirname(torch.__file__)
     assert os.path.join(package, "__init__.py") in files and any(f.startswith(package) and f.endswith(".pyc") for f in files)
     assert not any(f"{os.sep}lib{os.sep}libtorch" in f for f in files)
@@ -361,7 +364,7 @@ def test_the_early_import_records_what_torch_read_and_the_next_one_reads_it_ahea
     hint = next((tmp_path / "moeconv").glob("torch-imports-*.txt"))
     written = hint.stat().st_mtime_ns
     second = json.loads(subprocess.run([sys.executable, "-c", TORCH_HINT_RUN], capture_output=True, text=True, check=True, timeout=300).stdout)
-    assert second == {"prefetched": files, "hint": files}
+    assert second == {"prefetched": files, "threads": [1], "hint": files}  # one at a time (see execute._import_kernels)
     assert hint.stat().st_mtime_ns == written
 
 
@@ -392,7 +395,7 @@ def test_an_early_import_after_torch_was_imported_leaves_the_hint_alone(monkeypa
 
     import_hint.write(import_hint.TORCH, ["/nonexistent/torch/__init__.py"])
     prefetched = []
-    monkeypatch.setattr(import_hint, "prefetch", prefetched.extend)
+    monkeypatch.setattr(import_hint, "prefetch", lambda files, threads=1: prefetched.extend(files))
     executing._import_kernels()
     assert prefetched == [] and import_hint.read(import_hint.TORCH) == ["/nonexistent/torch/__init__.py"]
 

@@ -364,10 +364,14 @@ def test_the_report_child_records_what_its_import_read_and_the_next_one_prefetch
     assert again.returncode == 0, again.stderr
     assert hint.stat().st_mtime_ns == written  # the same import reads the same files: the hint stands
     os.mkfifo(tmp_path / "fifo")  # a hint is a file anyone with the cache folder can edit: odd entries never hang
-    advised = []
-    monkeypatch.setattr(os, "posix_fadvise", lambda fd, *args: advised.append(os.readlink(f"/proc/self/fd/{fd}")))
-    import_hint.prefetch([*files[:50], str(tmp_path / "gone.pyc"), str(tmp_path / "gone" / "x.py"), str(tmp_path / "fifo"), "/dev/zero"])
-    assert advised and all(os.path.isfile(f) for f in advised)  # regular files only: not the FIFO, not a device
+    odd = [str(tmp_path / "gone.pyc"), str(tmp_path / "gone" / "x.py"), str(tmp_path / "fifo"), "/dev/zero"]
+    for threads in (1, 3, import_hint.PARALLEL):  # 3: the 50 files dealt unevenly
+        advised, listed = [], []
+        monkeypatch.setattr(os, "posix_fadvise", lambda fd, *args: advised.append(os.readlink(f"/proc/self/fd/{fd}")))
+        monkeypatch.setattr(os, "listdir", lambda folder: listed.append(folder))
+        import_hint.prefetch([*files[:50], *odd], threads)
+        assert sorted(advised) == sorted(map(os.path.realpath, files[:50]))  # each regular file once: not the FIFO, not a device
+        assert sorted(listed) == sorted({os.path.dirname(f) for f in [*files[:50], *odd]})  # each folder once
 
 
 def test_the_hint_records_files_read_without_being_imported(tmp_path):

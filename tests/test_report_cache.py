@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("transformers")
 from test_report import gpt_oss, meta_planned, mixtral  # noqa: E402
 
-from moeconv import report_cache, report_process  # noqa: E402
+from moeconv import import_hint, report_cache, report_process  # noqa: E402
 from moeconv.report import LoadReport, Mismatch, check_load  # noqa: E402
 from moeconv.report_process import BackgroundReport  # noqa: E402
 
@@ -154,6 +154,27 @@ def test_the_report_child_recalls_and_keeps_answers(cache):
     recalled = BackgroundReport()
     recalled.submit(planned, config)
     assert recalled.result() == check_load(planned, config) and recalled.result().recalled
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the report is computed in a child only on Linux")
+def test_the_report_child_reads_its_hint_ahead_in_parallel_only_on_a_miss(cache, monkeypatch, tmp_path):
+    """One file at a time as it starts; many at once once the question is known not to be recalled
+    (a recalled run would pay for reading ahead what it never imports)."""
+    calls = tmp_path / "read-ahead-calls.txt"
+
+    def record(files, threads=1):  # runs in the forked child: the parent sees it through a file
+        with open(calls, "a") as log:
+            log.write(f"{threads}\n")
+
+    monkeypatch.setattr(import_hint, "read_ahead", record)  # before the fork
+    config = mixtral()
+    planned = meta_planned(config)
+    for expected in (["1", str(import_hint.PARALLEL)], ["1"]):  # computed (and kept), then recalled
+        calls.write_text("")
+        background = BackgroundReport()
+        background.submit(planned, config)
+        assert background.result().recalled == (expected == ["1"])
+        assert calls.read_text().split() == expected
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the report is computed in a child only on Linux")
