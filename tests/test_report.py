@@ -374,6 +374,23 @@ def test_the_report_child_records_what_its_import_read_and_the_next_one_prefetch
         assert sorted(listed) == sorted({os.path.dirname(f) for f in [*files[:50], *odd]})  # each folder once
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_process_that_exits_does_not_wait_for_its_read_ahead(threads):
+    """A conversion that fails or is interrupted while its hint is still being read ahead exits
+    at once (the read-ahead's threads are abandoned, not joined). Here every folder listing hangs."""
+    script = (
+        "import os, threading, time\n"
+        "from moeconv import import_hint\n"
+        "listing = threading.Event()\n"
+        "os.listdir = lambda folder: (listing.set(), time.sleep(600))\n"
+        f"import_hint.read_ahead(['/a/x.py', '/b/y.py', '/c/z.py'], {threads})\n"
+        "assert listing.wait(60)\n"
+        "print('exiting')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == "exiting\n", done.stderr
+
+
 def test_the_hint_records_files_read_without_being_imported(tmp_path):
     """Such as transformers' scan of every model's source; in a fresh process (the audit hook stays)."""
     read, later = tmp_path / "read.txt", tmp_path / "later.txt"
