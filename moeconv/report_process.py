@@ -178,7 +178,7 @@ def _child(questions, answerer, *parents_ends) -> None:
         return  # an import still running on its thread is dropped with the process
     # A miss: the import is what the conversion will wait for, and the conversion's copies are about
     # to fill the disk queue, so the rest of the hint is read ahead many files at once (fuse-experts,
-    # report computed, 8 pairs: 11.02 -> 7.87 s). Not before the question: a run whose report is
+    # report computed, 8 pairs: 9.78 -> 7.47 s). Not before the question: a run whose report is
     # recalled would pay for it (2-layer gpt-oss, recalled: slower in 8 of 8 pairs, +0.1 s median).
     import_hint.read_ahead(torch_hint + hint, import_hint.PARALLEL)
     importer.join()
