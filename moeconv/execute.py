@@ -256,18 +256,27 @@ class _ComputePool:
 
 
 class _BackgroundWriter:
-    """Writes (key, chunk) pairs on a thread so the next chunk is computed meanwhile."""
+    """Writes (key, chunk) pairs on a thread so the next chunk is computed meanwhile.
+
+    The hand-off is built from C primitives (a SimpleQueue, and a lock held while a chunk waits in
+    it), because Ctrl-C raises KeyboardInterrupt in the main thread between any two bytecodes:
+    inside queue.Queue's pure-Python condition variables it could lose the writer's wake-up, and
+    one run of the signal tests hung with the writer asleep in get() after close() had queued its
+    end marker. A put interrupted after taking the lock only leaves it taken; close() needs none.
+    """
 
     def __init__(self, writer: ShardWriter, progress: Progress | None, shard: str, niceness: int = 0):
         self.writer, self.progress, self.shard, self.niceness = writer, progress, shard, niceness
-        self.queue: queue.Queue = queue.Queue(maxsize=1)  # the compute pool holds the chunks ahead
+        self.chunks: queue.SimpleQueue = queue.SimpleQueue()
+        self.waiting = threading.Lock()  # held while a chunk waits in `chunks`: the compute pool holds the ones ahead
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
         _worker_thread(self.niceness)
-        while (item := self.queue.get()) is not _DONE:
+        while (item := self.chunks.get()) is not _DONE:
+            self.waiting.release()
             if self.error is not None:
                 continue  # drain after a failure
             key, chunk = item
@@ -283,10 +292,11 @@ class _BackgroundWriter:
     def put(self, key: str, chunk) -> None:
         if self.error is not None:
             raise self.error
-        self.queue.put((key, chunk))
+        self.waiting.acquire()
+        self.chunks.put((key, chunk))
 
     def close(self) -> None:
-        self.queue.put(_DONE)
+        self.chunks.put(_DONE)
         self.thread.join()
         if self.error is not None:
             raise self.error

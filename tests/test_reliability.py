@@ -15,6 +15,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from typer.testing import CliRunner
 import safetensors_bytes as sb
 from moeconv.cli import app
 from moeconv.errors import WriteError
-from moeconv.execute import JOURNAL_NAME, REPORT_NAME
+from moeconv.execute import JOURNAL_NAME, REPORT_NAME, _BackgroundWriter
 from moeconv.writer import INDEX_NAME, ShardWriter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -424,6 +425,25 @@ def journaled(out: Path) -> int:
 
 def temp_files(out: Path) -> list[str]:
     return sorted(p.name for p in out.glob("*.tmp")) if out.exists() else []
+
+
+def test_the_background_writer_closes_after_a_put_interrupted_midway():
+    """Ctrl-C can land in put() after it took the waiting chunk's lock and before it queued the
+    chunk: close() must still end the writer thread (it once hung there, the writer asleep)."""
+    written = []
+
+    class Recording:
+        def write(self, key, chunk):
+            written.append((key, bytes(chunk)))
+
+    background = _BackgroundWriter(Recording(), None, "shard")
+    background.put("a", memoryview(b"1"))
+    background.waiting.acquire()  # what the interrupted put leaves: the lock taken, nothing queued
+    closing = threading.Thread(target=background.close, daemon=True)
+    closing.start()
+    closing.join(timeout=60)
+    assert not closing.is_alive() and not background.thread.is_alive()
+    assert written == [("a", b"1")]
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
