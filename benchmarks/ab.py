@@ -4,6 +4,7 @@
     git worktree add --detach /tmp/before HEAD~1
     python benchmarks/ab.py before=/tmp/before after=. --pairs 6
     python benchmarks/ab.py before=/tmp/before after=. --report computed -- --max-shard-size 1GB
+    python benchmarks/ab.py before=/tmp/before after=. --over-previous  (a repeat with --overwrite)
     (after --: more `moeconv convert` options, for every tree)
 
 Each tree runs as `PYTHONPATH=TREE python -m moeconv convert ...` through run.py's `run` (page
@@ -54,6 +55,7 @@ def main() -> int:
     parser.add_argument("--report", choices=["recalled", "computed"], default="recalled")
     parser.add_argument("--data", type=Path, default=bench.REPO / "benchmarks" / "data")
     parser.add_argument("--json", type=Path, help="also write every run here")
+    parser.add_argument("--over-previous", action="store_true", help="convert over the previous run's output (--overwrite deletes it), as a repeated conversion does")
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:cut])
@@ -104,7 +106,8 @@ def main() -> int:
         for name in list(trees)[:: 1 if round_ % 2 == 0 else -1]:
             if args.report == "computed":
                 shutil.rmtree(report_cache.cache_folder(envs[name]), ignore_errors=True)
-            shutil.rmtree(out, ignore_errors=True)
+            if not args.over_previous:
+                shutil.rmtree(out, ignore_errors=True)
             walls[name].append(bench.run(command(), name, envs[name])["wall"])
             check(name)
     shutil.rmtree(out, ignore_errors=True)
