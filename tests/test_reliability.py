@@ -285,12 +285,14 @@ def test_out_not_empty_refused_unless_overwrite(single, tmp_path):
 
 
 def _old_output(single, out: Path) -> dict[str, bytes]:
-    """A finished earlier conversion in OUT, bigger shards than the next one writes, plus leftovers
-    of an interrupted run (a temp file, a replaced file not deleted yet); {name: bytes} of its shards."""
+    """A finished earlier conversion in OUT, more shards than the next one writes, plus leftovers
+    of an interrupted run (a temp file, replaced files not deleted yet); {name: bytes} of its shards."""
     assert convert(single, out, "-p", "fuse-experts", "--max-shard-size", "20KB").exit_code == 0
     (out / ".model.safetensors.1234.tmp").write_bytes(b"half")
     (out / REPLACED_NAME).mkdir()
     (out / REPLACED_NAME / "model-00009-of-00009.safetensors").write_bytes(b"old")
+    (out / REPLACED_NAME / "folder").mkdir()
+    (out / REPLACED_NAME / "folder" / "file").write_bytes(b"")
     return {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
 
 
@@ -315,9 +317,10 @@ def test_overwrite_deletes_the_replaced_output_during_the_run_or_first_when_shor
             first_chunk.set()
         return real_produce(tensor, rows)
 
-    def delete(self, paths, folder):  # only once the conversion is under way
-        first_chunk.wait(30)
-        real_delete(self, paths, folder)
+    def delete(self):  # on its thread, only once the conversion is under way
+        if threading.current_thread() is not threading.main_thread():
+            first_chunk.wait(30)
+        real_delete(self)
 
     monkeypatch.setattr(execution, "_produce", produce)
     monkeypatch.setattr(execution._OldOutput, "_delete", delete)
@@ -327,7 +330,7 @@ def test_overwrite_deletes_the_replaced_output_during_the_run_or_first_when_shor
     new = {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
     assert new.keys() == {"model.safetensors"} and len(old) >= 2
     assert load_file(out / "model.safetensors").keys()  # a whole, loadable shard
-    replaced = {*old, ".model.safetensors.1234.tmp", "model-00009-of-00009.safetensors"}
+    replaced = {*old, ".model.safetensors.1234.tmp", "model-00009-of-00009.safetensors", "folder", "folder/file"}
     hidden = {p.removeprefix(REPLACED_NAME + "/") for p in seen[0] if p.startswith(REPLACED_NAME + "/")}
     assert not replaced & set(seen[0])  # none where it was: out of sight at once
     if room:
