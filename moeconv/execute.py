@@ -327,7 +327,12 @@ def plan_fingerprint(plan: Plan, checksum: str = DEFAULT_CHECKSUM) -> str:
 def _leftovers(out: Path) -> list[Path]:
     """Temp files of unfinished writes, staged shards of an unfinished run, and replaced files an
     interrupted run had not deleted yet."""
-    return [*out.glob(".*.tmp"), *out.glob(".*.staged"), *(out / REPLACED_NAME).glob("*")]
+    return [*out.glob(".*.tmp"), *out.glob(".*.staged"), *_real_folder(out / REPLACED_NAME)]
+
+
+def _real_folder(folder: Path) -> list[Path]:
+    """What `folder` holds; nothing when it is missing, or a link: never follow one to delete its target."""
+    return list(folder.iterdir()) if folder.is_dir() and not folder.is_symlink() else []
 
 
 class _OldOutput:
@@ -344,9 +349,11 @@ class _OldOutput:
         self.error: OSError | None = None
         self.thread: threading.Thread | None = None
         self.folder = out / REPLACED_NAME
-        if not paths and not self.folder.exists():
+        if not paths and not self.folder.exists() and not self.folder.is_symlink():
             return
         try:
+            if self.folder.is_symlink() or self.folder.is_file():
+                self.folder.unlink()  # not one we made
             self.folder.mkdir(exist_ok=True)
             for path in paths:
                 if path.parent != self.folder:
@@ -363,7 +370,7 @@ class _OldOutput:
 
     def _delete(self) -> None:
         try:
-            for path in self.folder.iterdir():
+            for path in _real_folder(self.folder):
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path)
                 else:

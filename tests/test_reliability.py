@@ -339,6 +339,22 @@ def test_overwrite_deletes_the_replaced_output_during_the_run_or_first_when_shor
         assert not hidden and REPLACED_NAME not in seen[0]  # deleted before the run started
 
 
+def test_a_link_where_the_replaced_folder_goes_is_removed_not_followed(single, tmp_path):
+    """Deleting the replaced output must never reach through a link to delete what it points at."""
+    out, precious = tmp_path / "out", tmp_path / "precious"
+    assert convert(single, out, "-p", "fuse-experts").exit_code == 0
+    precious.mkdir()
+    (precious / "keep.safetensors").write_bytes(b"mine")
+    (out / REPLACED_NAME).symlink_to(precious, target_is_directory=True)
+    assert convert(single, out, "-p", "fuse-experts", "--overwrite").exit_code == 0
+    assert (precious / "keep.safetensors").read_bytes() == b"mine"
+    assert not (out / REPLACED_NAME).exists() and not (out / REPLACED_NAME).is_symlink()
+    (out / REPLACED_NAME).symlink_to(precious, target_is_directory=True)  # and on --resume
+    (out / JOURNAL_NAME).write_text('{"shards": {}}')
+    assert convert(single, out, "-p", "fuse-experts", "--overwrite", "--resume").exit_code == 0
+    assert (precious / "keep.safetensors").read_bytes() == b"mine"
+
+
 def test_a_replaced_file_that_cannot_be_deleted_is_a_one_line_error(single, tmp_path, monkeypatch):
     out = tmp_path / "out"
     _old_output(single, out)
