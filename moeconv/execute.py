@@ -325,14 +325,8 @@ def plan_fingerprint(plan: Plan, checksum: str = DEFAULT_CHECKSUM) -> str:
 
 
 def _leftovers(out: Path) -> list[Path]:
-    """Temp files of unfinished writes, staged shards of an unfinished run, and replaced files an
-    interrupted run had not deleted yet."""
-    return [*out.glob(".*.tmp"), *out.glob(".*.staged"), *_real_folder(out / REPLACED_NAME)]
-
-
-def _real_folder(folder: Path) -> list[Path]:
-    """What `folder` holds; nothing when it is missing, or a link: never follow one to delete its target."""
-    return list(folder.iterdir()) if folder.is_dir() and not folder.is_symlink() else []
+    """Temp files of unfinished writes and staged shards of an unfinished run."""
+    return [*out.glob(".*.tmp"), *out.glob(".*.staged")]
 
 
 class _OldOutput:
@@ -342,22 +336,22 @@ class _OldOutput:
     with discard) and nothing else moves meanwhile. So the old files are renamed into a hidden
     folder at once (out of any loader's sight; a failed rename still stops the run before it
     starts), and when the disk has room for the new output beside them, deleted on a thread while
-    the conversion runs; otherwise before it starts, as the space is needed.
+    the conversion runs; otherwise before it starts, as the space is needed. Whatever the folder
+    still holds from an interrupted run goes too.
     """
 
     def __init__(self, out: Path, paths: list[Path], room_needed: int):
         self.error: OSError | None = None
         self.thread: threading.Thread | None = None
         self.folder = out / REPLACED_NAME
-        if not paths and not self.folder.exists() and not self.folder.is_symlink():
+        if not paths and not os.path.lexists(self.folder):
             return
         try:
             if self.folder.is_symlink() or self.folder.is_file():
-                self.folder.unlink()  # not one we made
+                self.folder.unlink()  # not one we made: never follow a link to delete its target
             self.folder.mkdir(exist_ok=True)
             for path in paths:
-                if path.parent != self.folder:
-                    os.replace(path, self.folder / path.name)
+                os.replace(path, self.folder / path.name)
             room = shutil.disk_usage(out).free >= room_needed
         except OSError as error:
             raise self._cannot_delete(error) from None
@@ -370,7 +364,7 @@ class _OldOutput:
 
     def _delete(self) -> None:
         try:
-            for path in _real_folder(self.folder):
+            for path in self.folder.iterdir():
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path)
                 else:
