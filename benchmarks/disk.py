@@ -78,11 +78,23 @@ def write(data: Path, request_mib: int, beside_reads: bool = False) -> tuple[flo
     return WRITE_BYTES / took / 1e9, read[0] / took / 1e9
 
 
-def copy_as_moeconv(data: Path) -> float:
-    """Seconds to copy COPY_BYTES: a reader thread (32 MiB requests, 4 buffers) and a writer thread
-    copying into a 16 MiB stage it writes when full."""
+def _timed_copy(data: Path, copy) -> float:
+    """Seconds `copy(input fd, output fd)` takes with the final fsync; the copy is deleted after."""
     source, target = data / "disk-input.bin", data / "disk-output.bin"
     rfd, wfd = os.open(source, os.O_RDONLY | os.O_DIRECT), _open_write(target)
+    start = time.perf_counter()
+    copy(rfd, wfd)
+    os.fsync(wfd)
+    took = time.perf_counter() - start
+    os.close(rfd)
+    os.close(wfd)
+    target.unlink()
+    return took
+
+
+def _copy_as_moeconv(rfd: int, wfd: int) -> None:
+    """COPY_BYTES read in 32 MiB requests (4 buffers) while a writer thread copies them into a
+    16 MiB stage it writes whenever full."""
     free, full = queue.Queue(), queue.Queue()
     for _ in range(4):
         free.put(_buffer(32 * MiB))
@@ -101,7 +113,6 @@ def copy_as_moeconv(data: Path) -> float:
                     fill, offset = 0, offset + len(stage)
             free.put(buffer)
 
-    start = time.perf_counter()
     thread = threading.Thread(target=writer)
     thread.start()
     for offset in range(0, COPY_BYTES, 32 * MiB):
@@ -110,37 +121,22 @@ def copy_as_moeconv(data: Path) -> float:
         full.put(buffer)
     full.put(None)
     thread.join()
-    os.fsync(wfd)
-    took = time.perf_counter() - start
-    os.close(rfd)
-    os.close(wfd)
-    target.unlink()
-    return took
 
 
-def copy_in_turns(data: Path, request_mib: int) -> float:
-    """Seconds to copy COPY_BYTES on one thread: read `request_mib`, write it, and so on."""
-    source, target = data / "disk-input.bin", data / "disk-output.bin"
-    rfd, wfd, buffer = os.open(source, os.O_RDONLY | os.O_DIRECT), _open_write(target), _buffer(request_mib * MiB)
-    start = time.perf_counter()
+def _copy_in_turns(rfd: int, wfd: int, request_mib: int) -> None:
+    """COPY_BYTES on one thread: read `request_mib`, write it, and so on."""
+    buffer = _buffer(request_mib * MiB)
     for offset in range(0, COPY_BYTES, len(buffer)):
         os.preadv(rfd, [buffer], offset)
         os.pwrite(wfd, buffer, offset)
-    os.fsync(wfd)
-    took = time.perf_counter() - start
-    os.close(rfd)
-    os.close(wfd)
-    target.unlink()
-    return took
 
 
 PATTERNS = {
     "write": [(f"write, {n} MiB requests", "GB/s", lambda d, n=n: write(d, n)[0]) for n in (16, 64, 128, 256)],
     "beside": [(f"write beside 0.35 GB/s of reads, {n} MiB requests", "GB/s", lambda d, n=n: write(d, n, True)[0]) for n in (16, 64, 128, 256)],
     "copy": [
-        ("copy 2 GiB as moeconv (32 MiB reads, 16 MiB writes)", "s", copy_as_moeconv),
-        ("copy 2 GiB in turns of 128 MiB", "s", lambda d: copy_in_turns(d, 128)),
-        ("copy 2 GiB in turns of 256 MiB", "s", lambda d: copy_in_turns(d, 256)),
+        ("copy 2 GiB as moeconv (32 MiB reads, 16 MiB writes)", "s", lambda d: _timed_copy(d, _copy_as_moeconv)),
+        *[(f"copy 2 GiB in turns of {n} MiB", "s", lambda d, n=n: _timed_copy(d, lambda r, w: _copy_in_turns(r, w, n))) for n in (128, 256)],
     ],
 }
 
