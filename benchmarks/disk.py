@@ -8,9 +8,10 @@
 - write: 3200 MiB into a new file, one request at a time, 16 to 256 MiB per request.
 - write beside reads: the same while another thread reads 8 MiB requests at 0.35 GB/s, as the
   compute threads of a gpt-oss conversion read MXFP4 blocks while its writer writes the bf16 experts.
-- copy: 2 GiB file to file: as moeconv copies lm_head and the embeddings (a reader thread with 32 MiB
-  requests, four in flight, a writer with a 16 MiB stage), or one thread reading then writing
-  128 / 256 MiB at a time (as the I/O floor of run.py does, only in smaller turns).
+- copy: 2 GiB file to file: as moeconv copies lm_head and the embeddings (32 MiB reads into four
+  buffers, a writer thread copying them into a 16 MiB stage it writes when full), or one thread
+  reading then writing 128 / 256 MiB at a time (as the I/O floor of run.py does, in smaller turns).
+The files hold zeros: on this disk zeros were no faster to write or read than random bytes.
 
 Each pattern runs once per round, in the same order, with the page cache dropped (as root) and the
 disk probed back to speed first (run.py's wait_for_disk); medians and ranges are printed.
@@ -157,10 +158,11 @@ def main() -> None:
         time.sleep(bench.SETTLE_SECONDS)
     patterns = [p for group in (args.only or PATTERNS) for p in PATTERNS[group]]
     results: dict[str, list[float]] = {label: [] for label, _, _ in patterns}
+    if not bench.drop_caches():
+        print("  (not root: the page cache is not dropped; O_DIRECT reads bypass it all the same)")
     for round_ in range(args.rounds):
         for label, unit, measure in patterns:
-            if not bench.drop_caches() and round_ == 0:
-                print("  (not root: the page cache was not dropped)")
+            bench.drop_caches()
             bench.wait_for_disk()
             results[label].append(measure(args.data))
             print(f"  round {round_ + 1}: {label:<52} {results[label][-1]:6.2f} {unit}", flush=True)
