@@ -470,7 +470,6 @@ def _resume(out_dir: Path, fingerprint: str | None, overwrite: bool, checksum: s
         (out / name).unlink(missing_ok=True)
     for path in out.glob(".*.tmp"):
         path.unlink()
-    shutil.rmtree(out / REPLACED_NAME, ignore_errors=True)  # what an interrupted --overwrite run had not deleted
     kept: dict[str, dict] = {}
     for name, entry in shards.items():
         if not isinstance(name, str) or Path(name).name != name or not isinstance(entry, dict):
