@@ -6,10 +6,8 @@ usage errors are typer's exit code 2. Machine output (--json) is the only thing 
 
 import functools
 import json
-import logging
 import os
 import signal
-import sys
 import threading
 from collections.abc import Callable
 from enum import Enum
@@ -160,42 +158,37 @@ def convert_command(
 
     SRC is a local folder or file, or a hub repo id (org/name) read through huggingface_hub (its cache,
     HF_TOKEN, HF_HUB_OFFLINE); a local path that exists wins. A dry run of a repo id reads headers only."""
-    from moeconv.report_process import BackgroundReport
+    from moeconv.dtypes import parse_user_dtype
+    from moeconv.execute import execute
+    from moeconv.hub import fetch_inputs, open_source
+    from moeconv.plan import build_plan
+    from moeconv.render import progress_bar, render_plan
 
-    # A conversion needs the load report only when it writes it, last: a child process starts on it
-    # now, before torch is imported here (see report_process). A dry run or --strict needs it first.
-    background = None if dry_run or strict else BackgroundReport()
-    try:
-        from moeconv.dtypes import parse_user_dtype
-        from moeconv.execute import execute
-        from moeconv.hub import fetch_inputs, open_source
-        from moeconv.plan import build_plan
-        from moeconv.render import progress_bar, render_plan
-
-        shard_bytes = parse_size(max_shard_size)
-        run_dtype = parse_user_dtype(dtype) if dtype else None
-        recipes = load_recipes(preset, recipe)
-        if not recipes:
-            raise typer.BadParameter("give at least one --preset or --recipe (see `moeconv presets`)")
-        source = open_source(src, revision=revision, token=token, low_disk=low_disk)
-        plan = build_plan(source, recipes, dtype=run_dtype, align=align, max_shard_size=shard_bytes, strict=strict, background_report=background)
-        refused = strict and plan.report.checked and not plan.report.ok()
-        if dry_run or refused:
-            if json_output:
-                stdout.print_json(data=plan.to_json())
-            else:
-                render_plan(plan, stdout)
-            if refused:
-                stderr.print("error: the load report is not clean (--strict); nothing was written", highlight=False)
-                raise typer.Exit(3)
-            return
-        fetch_inputs(plan, low_disk=low_disk)  # hub repo ids: download what the plan reads (no-op for local paths)
-        with progress_bar(stderr, plan, enabled=stderr.is_terminal and not json_output) as progress:
+    shard_bytes = parse_size(max_shard_size)
+    run_dtype = parse_user_dtype(dtype) if dtype else None
+    recipes = load_recipes(preset, recipe)
+    if not recipes:
+        raise typer.BadParameter("give at least one --preset or --recipe (see `moeconv presets`)")
+    source = open_source(src, revision=revision, token=token, low_disk=low_disk)
+    plan = build_plan(source, recipes, dtype=run_dtype, align=align, max_shard_size=shard_bytes, strict=strict)
+    refused = strict and plan.report.checked and not plan.report.ok()
+    if dry_run or refused:
+        if json_output:
+            stdout.print_json(data=plan.to_json())
+        else:
+            render_plan(plan, stdout)
+        if refused:
+            stderr.print("error: the load report is not clean (--strict); nothing was written", highlight=False)
+            raise typer.Exit(3)
+        return
+    plan.start_report()  # computed while the data moves; written last
+    fetch_inputs(plan, low_disk=low_disk)  # hub repo ids: download what the plan reads (no-op for local paths)
+    with progress_bar(stderr, plan, enabled=stderr.is_terminal and not json_output) as progress:
+        try:
             report = execute(plan, out, overwrite=overwrite, progress=progress, low_disk=low_disk, resume=resume, checksum=checksum.value)
-    except BaseException:
-        if background is not None:
-            background.cancel()
-        raise
+        except MoeconvError:
+            plan.report  # noqa: B018  (the report's thread builds a model with torch's global default dtype: not past the command)
+            raise
     if json_output:
         stdout.print_json(data=report)
     else:
@@ -268,20 +261,5 @@ def ops_command() -> None:
 
 
 def main() -> None:
-    """Console-script entry point. Once the command is done, the process ends with os._exit: Python's
-    teardown of torch's and transformers' modules takes 0.4-1 s and releases nothing the OS does not
-    (every output file is already fsynced, renamed and closed; no background work is left)."""
-    try:
-        app()
-        code = 0
-    except SystemExit as stop:
-        if stop.code is not None and not isinstance(stop.code, int):
-            raise  # a message to print: the normal path does that
-        code = stop.code or 0
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # the reader is gone (a closed pipe) or the stream is closed
-            pass
-    os._exit(code)
+    """Console-script entry point."""
+    app()

@@ -6,12 +6,14 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from moeconv import dtypes
+from moeconv.formats import output_quantization
 
 # Root-level files copied next to the output shards: configs, tokenizer and chat template files.
 COMPANION_PATTERNS = ("*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken", "LICENSE*", "USAGE_POLICY*")
 # Never copied: weight indexes (we write our own), our own report, anything larger than this.
 SKIPPED = {"config.json", "model.safetensors.index.json", "moeconv-report.json"}
 MAX_COMPANION_BYTES = 64 * 2**20
+
 
 def companion_files(root: Path, listing: dict[str, int | None] | None = None) -> list[str]:
     """Names of the small root-level files to copy (never from subfolders such as original/).
@@ -29,15 +31,14 @@ def companion_files(root: Path, listing: dict[str, int | None] | None = None) ->
 
 
 def output_config(config: dict | None, tensors: Iterable, dtype: str | None) -> dict | None:
-    """config.json for the output: quantization_config dropped when nothing quantized is left,
-    and the dtype field set to what was written (`dtype`: --dtype as a safetensors name)."""
+    """config.json for the output: quantization_config dropped once no output tensor carries its
+    format (moeconv.formats), and the dtype field set to what was written (`dtype`: --dtype as a
+    safetensors name; bf16 after a dequantization without --dtype)."""
     if config is None:
         return None
     out = copy.deepcopy(config)
-    tensors = list(tensors)
-    quantization = out.get("quantization_config") or {}
-    still_mxfp4 = any(t.key.endswith("_blocks") and t.dtype == "U8" for t in tensors)
-    dequantized = quantization.get("quant_method") == "mxfp4" and not still_mxfp4
+    quantization = output_quantization(out, [(t.key, t.dtype) for t in tensors])
+    dequantized = quantization is None and "quantization_config" in out
     if dequantized:
         del out["quantization_config"]
     if dtype is not None or dequantized:

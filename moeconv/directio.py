@@ -1,10 +1,12 @@
-"""Direct I/O (O_DIRECT): the disk moves tensor bytes straight to and from our buffers.
+"""The one I/O seam for tensor bytes: `Reader` (source files) and `Appender` (output shards).
+
+Direct I/O (O_DIRECT): the disk moves tensor bytes straight to and from our buffers.
 
 Why: a conversion is CPU-bound, and on this kind of machine (a VM, 2 cores) the kernel's copies
 through the page cache cost more CPU than the conversion's own kernels. Reading the 3.3 GB input
 of a 2-layer gpt-oss checkpoint took 3.7-4.0 s of system time buffered and 0.25 s with O_DIRECT;
 writing its 5.6 GB output 2.8-10 s buffered and 0.4-0.5 s direct, at the same or better wall time
-(benchmarks/RESULTS.md). O_DIRECT wants file offsets, lengths and memory addresses aligned to the
+O_DIRECT wants file offsets, lengths and memory addresses aligned to the
 device's block; ALIGN (4096) covers every common device. Where a filesystem refuses it (tmpfs,
 some FUSE mounts; macOS has no O_DIRECT) the same calls fall back to buffered I/O: same bytes.
 """
@@ -23,7 +25,8 @@ if TYPE_CHECKING:
 ALIGN = 4096
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 STAGE_BYTES = 16 * 2**20  # per write(): big requests keep the disk busy; one buffer of this much memory
-COPY_WITH_TORCH = 1 << 20
+COPY_WITH_TORCH = 1 << 20  # appended tensors this big are copied by torch, which releases the GIL
+DIRECT_BYTES = 1 << 20  # reads this big bypass the page cache; smaller ones use it
 
 
 def round_up(n: int) -> int:
@@ -45,37 +48,70 @@ def set_direct(fd: int, on: bool) -> bool:
     return on
 
 
-def open_direct(path: os.PathLike | str) -> int | None:
-    """A read-only O_DIRECT descriptor, or None where the filesystem refuses O_DIRECT."""
-    if not O_DIRECT:
-        return None
-    try:
-        return os.open(path, os.O_RDONLY | O_DIRECT)
-    except OSError as error:
-        if error.errno in (errno.EINVAL, errno.EOPNOTSUPP):
-            return None
-        raise
+def aligned_buffer(nbytes: int) -> memoryview:
+    """`nbytes` of fresh, page-aligned, writable memory (an anonymous map), as bytes."""
+    return memoryview(mmap.mmap(-1, max(nbytes, 1)))[:nbytes]
 
 
-def pread_direct(fd: int, view: memoryview, offset: int, needed: int) -> bool:
-    """Fill page-aligned byte `view` (buffers.window) from aligned `offset` of O_DIRECT `fd`,
-    stopping once `needed` bytes are in or at the end of the file. False when the read cannot go
-    direct (the filesystem refused an aligned request, or a short read left an unaligned
-    remainder): read buffered."""
-    done = 0
-    while done < needed:
-        if done % ALIGN:
-            return False
-        try:
-            got = os.preadv(fd, [view[done:]], offset + done)
-        except OSError as error:
-            if error.errno == errno.EINVAL:
+class Reader:
+    """Reads byte ranges of one file: ranges of DIRECT_BYTES or more with O_DIRECT into page-aligned
+    memory, smaller ones (and all of them where the filesystem refuses O_DIRECT) through the page
+    cache. Raises OSError; EOFError when the file ends before the range does."""
+
+    def __init__(self, path: os.PathLike | str):
+        self.fd = os.open(path, os.O_RDONLY)
+        self.direct_fd: int | None = None
+        if O_DIRECT:
+            try:
+                self.direct_fd = os.open(path, os.O_RDONLY | O_DIRECT)
+            except OSError as error:
+                if error.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                    os.close(self.fd)
+                    raise
+
+    def read(self, offset: int, nbytes: int) -> memoryview:
+        """Bytes offset:offset+nbytes in fresh memory (page-aligned when read direct)."""
+        if nbytes >= DIRECT_BYTES and self.direct_fd is not None:
+            start = offset - offset % ALIGN  # whole blocks around the range
+            window = aligned_buffer(round_up(offset + nbytes - start))
+            if self._fill_direct(window, start, offset + nbytes - start):
+                return window[offset - start : offset - start + nbytes]
+        view = aligned_buffer(nbytes) if nbytes >= DIRECT_BYTES else memoryview(bytearray(nbytes))
+        self.read_into(view, offset)
+        return view
+
+    def read_into(self, view: memoryview, offset: int) -> None:
+        """Fill byte `view` from `offset`, through the page cache."""
+        done = 0
+        while done < view.nbytes:
+            got = os.preadv(self.fd, [view[done:]], offset + done)
+            if got == 0:
+                raise EOFError(offset + done)
+            done += got
+
+    def _fill_direct(self, window: memoryview, offset: int, needed: int) -> bool:
+        """Fill `window` from aligned `offset` until `needed` bytes are in; False when the request
+        cannot go direct (refused, or a short read left an unaligned remainder)."""
+        done = 0
+        while done < needed:
+            if done % ALIGN:
                 return False
-            raise
-        if got == 0:
-            break  # end of file: the caller finds the tensor truncated
-        done += got
-    return done >= needed
+            try:
+                got = os.preadv(self.direct_fd, [window[done:]], offset + done)
+            except OSError as error:
+                if error.errno == errno.EINVAL:
+                    return False
+                raise
+            if got == 0:
+                return False  # the end of the file: the buffered read says so
+            done += got
+        return True
+
+    def close(self) -> None:
+        for fd in (self.fd, self.direct_fd):
+            if fd is not None:
+                os.close(fd)
+        self.fd = self.direct_fd = None
 
 
 class Appender:

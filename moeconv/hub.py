@@ -22,7 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from moeconv.errors import CheckpointError, HubError, InternalError
-from moeconv.source import INDEX_NAME, PICKLE_SUFFIXES, SINGLE_NAME, Checkpoint, read_header
+from moeconv.format import INDEX_NAME, SINGLE_NAME
+from moeconv.source import PICKLE_SUFFIXES, Checkpoint, read_header
 
 # org/name, as huggingface_hub accepts it; a path that exists locally always wins over a repo id.
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")

@@ -1,35 +1,72 @@
-"""Ops: small pure tensor functions registered by name. Their keyword-only parameters ARE the schema
-recipes are checked against (`check_params`). Each op also has a shape rule: output dtypes and
-shapes from input ones, in pure Python, so the plan learns them without data and without torch
-(`infer`; a conversion plans and starts copying while torch is still being imported). The rule
-also checks the inputs, for planning and running alike; tests hold every rule to the kernel's real
-output.
+"""Ops: small pure tensor functions registered by name: the one extension point of moeconv.
 
-An op receives whole tensors or row blocks of their leading axis (the executor streams expert by
-expert): `Op.touches_leading_axis(params, ndim)` says whether op(x[a:b]) can differ from op(x)[a:b],
-in which case the executor must route rows itself or materialize the tensor.
+An op declares, at registration:
+- its kernel `fn(*tensors, **params)`, whose keyword-only parameters ARE the schema recipes are
+  checked against (`check_params`, once, at plan time);
+- its shape rule: output (dtype, shape)s from the inputs' alone, in pure Python, so the plan knows
+  every output without data (tests hold every rule to the kernel's real output);
+- how its output rows map to its inputs' rows (`rows`), so that it streams: `SameRows` (op of a row
+  block = that row block of the op: transposes of inner axes, casts, dequantization), `MovesRows`
+  (output rows are input rows as they are: stack, concat, split, unstack along axis 0; copied as
+  bytes when the inputs are source bytes) or None (computed whole, then sliced);
+- its inverse, where one exists.
 
-Every output is contiguous: its bytes are written as they are.
+A quantization format registers its ops here from its own module (moeconv/formats/). Every dtype is
+a safetensors name ("BF16"); a `Dtype` parameter takes the user's spelling ("bf16") and is stored as
+that name. Every kernel output is contiguous: its bytes are written as they are.
 """
 
-from __future__ import annotations  # kernels annotate with torch types; torch is imported when one runs
+from __future__ import annotations  # kernels annotate with torch types
 
 import difflib
 import inspect
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Literal
+from typing import TYPE_CHECKING, Literal
 
 from moeconv import dtypes
-from moeconv.dtypes import USER_DTYPES
 from moeconv.errors import OpError, RecipeError
 
 if TYPE_CHECKING:
     import torch
 
-DtypeName = Literal[tuple(USER_DTYPES)]  # "bf16", "bfloat16", "fp16", ... (one list, in dtypes.py)
 Order = Literal["gate-first", "up-first"]
 Spec = tuple[str, tuple[int, ...]]  # (safetensors dtype name, shape) of a tensor, without its data
+Piece = tuple[int, int, int, int | None]  # (input index, start, stop, within): see MovesRows
+
+
+class Dtype(str):
+    """Annotation of an op parameter naming an output dtype: bf16, fp16 or fp32 in recipes
+    (their long spellings too), a safetensors name ("BF16") once checked."""
+
+
+@dataclass(frozen=True)
+class SameRows:
+    """Output rows start:stop are the op applied to rows start:stop of every input, or to the rows
+    `inputs(start, stop)` gives per input (a scale with one row per block of rows). A block starts
+    at a multiple of `multiple` (other starts are computed from the block around them)."""
+
+    multiple: int = 1
+    inputs: Callable[[int, int], list[tuple[int, int]]] | None = None
+
+
+@dataclass(frozen=True)
+class MovesRows:
+    """Output rows are input rows as they are, in byte order: `pieces(start, stop, within)` lists
+    them as (input index, start, stop, within) ranges; `within` = k means rows of the first axis
+    of row k (one expert of a stacked tensor). `within_ok`: pieces also answers for rows within one
+    output row (a row too big for one chunk); `passes_within`: it does so by asking its inputs for
+    rows within a row; `asks_within`: even its plain rows are rows within its inputs' rows."""
+
+    pieces: Callable[[int, int, int | None], list[Piece]]
+    within_ok: bool = False
+    passes_within: bool = False
+    asks_within: bool = False
+
+
+RowMap = SameRows | MovesRows | None
+SAME_ROWS = SameRows()
 
 
 @dataclass(frozen=True)
@@ -37,25 +74,16 @@ class Op:
     name: str
     fn: Callable  # fn(*tensors, **params) -> Tensor | tuple[Tensor, ...]
     shape: Callable  # shape(specs, **params) -> [Spec, ...]: fn's outputs; raises OpError on bad inputs
+    rows: Callable[[dict, list[Spec], int], RowMap]  # (params, input specs, output index) -> row map
     n_inputs: int | None  # exact number of input tensors; None = one or more
     inverse: str | None  # name of the inverse op, None when there is none (lossy)
     doc: str  # one line, shown by `moeconv ops` and in recipe errors
-    leading: Callable[[dict, int], bool]  # (params with defaults, input ndim) -> touches axis 0
 
     def params(self) -> dict[str, inspect.Parameter]:
         """The keyword-only parameters of fn: the op's recipe schema."""
         return {
             name: p for name, p in inspect.signature(self.fn).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
         }
-
-    def defaults(self) -> dict:
-        return {name: p.default for name, p in self.params().items() if p.default is not inspect.Parameter.empty}
-
-    def touches_leading_axis(self, params: dict, ndim: int) -> bool:
-        """True if op(x[a:b]) != op(x)[a:b] in general (slicing every input's axis 0 alike)."""
-        if ndim == 0:
-            return True
-        return self.leading({**self.defaults(), **params}, ndim)
 
     def signature(self) -> str:
         """'transpose(x, *, dim0: int, dim1: int)' for listings and error messages."""
@@ -65,13 +93,12 @@ class Op:
 OPS: dict[str, Op] = {}
 
 
-def register(name: str, *, shape: Callable, inverse: str | None = None, n_inputs: int | None = 1, leading: Callable[[dict, int], bool]):
-    """Decorator: register fn as op `name`, `shape` its shape rule. `leading(params, ndim)` answers
-    touches_leading_axis."""
+def register(name: str, *, shape: Callable, rows: Callable[[dict, list[Spec], int], RowMap], inverse: str | None = None, n_inputs: int | None = 1):
+    """Decorator: register fn as op `name` with its shape rule and row map (see the module doc)."""
 
     def decorate(fn: Callable) -> Callable:
         doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        OPS[name] = Op(name, fn, shape, n_inputs, inverse, doc, leading)
+        OPS[name] = Op(name, fn, shape, rows, n_inputs, inverse, doc)
         return fn
 
     return decorate
@@ -92,10 +119,13 @@ def get_op(name: str) -> Op:
 
 def _param_hints(op: Op) -> dict:
     """The keyword-only parameters' annotations, evaluated (the tensor ones would need torch)."""
-    return {name: eval(p.annotation, op.fn.__globals__) for name, p in op.params().items()}  # noqa: S307 (our own source)
+    return {name: eval(p.annotation, op.fn.__globals__) if isinstance(p.annotation, str) else p.annotation  # noqa: S307 (our own source)
+            for name, p in op.params().items()}
 
 
 def _describe(annotation) -> str:
+    if annotation is Dtype:
+        return "one of " + ", ".join(dtypes.USER_DTYPES)
     if typing.get_origin(annotation) is Literal:
         return "one of " + ", ".join(map(str, typing.get_args(annotation)))
     if typing.get_origin(annotation) is list:
@@ -105,6 +135,8 @@ def _describe(annotation) -> str:
 
 def _fits(value, annotation) -> bool:
     origin = typing.get_origin(annotation)
+    if annotation is Dtype:
+        return isinstance(value, str) and (value.lower() in dtypes.USER_DTYPES or value in dtypes.SHORT_NAMES)
     if origin is Literal:
         return value in typing.get_args(annotation) and isinstance(value, str | int)
     if origin is list:
@@ -116,7 +148,8 @@ def _fits(value, annotation) -> bool:
 
 
 def check_params(op_name: str, params: dict) -> dict:
-    """Validate names and types against the op's keyword-only signature; returns params with defaults."""
+    """Validate names and types against the op's keyword-only signature; returns params with
+    defaults, dtypes as safetensors names. RecipeError names the parameter and what it takes."""
     op = get_op(op_name)
     schema = op.params()
     hints = _param_hints(op)
@@ -131,45 +164,46 @@ def check_params(op_name: str, params: dict) -> dict:
             raise RecipeError(f"{op_name}: unknown parameter '{name}'{hint}; parameters: {allowed}")
     checked = {}
     for name, p in schema.items():
-        if name not in params:
-            if p.default is inspect.Parameter.empty:
-                raise RecipeError(f"{op_name}: missing required parameter '{name}' ({_describe(hints[name])})")
-            checked[name] = p.default
-            continue
-        value = params[name]
-        if not _fits(value, hints[name]):
+        value = params.get(name, p.default)
+        if value is inspect.Parameter.empty:
+            raise RecipeError(f"{op_name}: missing required parameter '{name}' ({_describe(hints[name])})")
+        if name in params and not _fits(value, hints[name]):
             raise RecipeError(f"{op_name}: parameter '{name}' must be {_describe(hints[name])}, got {value!r}")
+        if hints[name] is Dtype and value not in dtypes.SHORT_NAMES:
+            value = dtypes.USER_DTYPES[value.lower()]
         checked[name] = value
     return checked
 
 
-# ---- running ------------------------------------------------------------------------------------
+# ---- planning and running -----------------------------------------------------------------------
 
 
-def _checked(op_name: str, specs: list[Spec], params: dict) -> tuple[Op, dict, list[Spec]]:
-    """The op, its parameters with defaults, and its output specs; OpError/RecipeError on bad input."""
+def infer(op_name: str, specs: list[Spec], params: dict) -> list[Spec]:
+    """Output (safetensors dtype, shape)s of an op on inputs of these specs (pure Python, no torch).
+    OpError when the inputs do not fit the op, RecipeError when the parameters do not."""
     op = get_op(op_name)
-    checked = check_params(op_name, params)
+    params = check_params(op_name, params)
     if op.n_inputs is None and not specs:
         raise OpError(f"{op_name}: needs at least one input tensor")
     if op.n_inputs is not None and len(specs) != op.n_inputs:
         raise OpError(f"{op_name}: takes {op.n_inputs} input tensor(s), got {len(specs)}")
-    return op, checked, op.shape(specs, **checked)
+    return op.shape([(dtype, tuple(shape)) for dtype, shape in specs], **params)
 
 
-def infer(op_name: str, specs: list[Spec], params: dict) -> list[Spec]:
-    """Output (safetensors dtype, shape)s of an op from its inputs' alone (pure Python, no torch)."""
-    return _checked(op_name, [(dtype, tuple(shape)) for dtype, shape in specs], params)[2]
-
-
-def apply(op_name: str, tensors: list[torch.Tensor], params: dict) -> list[torch.Tensor]:
-    """Run op on tensors; always returns a list (split/unstack return several)."""
-    op, checked, _ = _checked(op_name, [(dtypes.to_safetensors(t.dtype), tuple(t.shape)) for t in tensors], params)
-    result = op.fn(*tensors, **checked)
+def run(op_name: str, tensors: list[torch.Tensor], params: dict) -> list[torch.Tensor]:
+    """Run an op on tensors with CHECKED params (the plan checked them once); always a list."""
+    result = get_op(op_name).fn(*tensors, **params)
     return list(result) if isinstance(result, tuple | list) else [result]
 
 
-# ---- helpers ------------------------------------------------------------------------------------
+def apply(op_name: str, tensors: list[torch.Tensor], params: dict | None = None) -> list[torch.Tensor]:
+    """Check params and inputs as a plan would, then run: for use from Python and tests."""
+    checked = check_params(op_name, params or {})
+    infer(op_name, [(dtypes.to_safetensors(t.dtype), tuple(t.shape)) for t in tensors], checked)
+    return run(op_name, tensors, checked)
+
+
+# ---- helpers for shape rules and row maps --------------------------------------------------------
 
 
 def _dim(op: str, dim: int, ndim: int, what: str = "dim") -> int:
@@ -177,19 +211,6 @@ def _dim(op: str, dim: int, ndim: int, what: str = "dim") -> int:
     if not -ndim <= dim < ndim:
         raise OpError(f"{op}: {what} {dim} is out of range for a {ndim}-d tensor (use {-ndim}..{ndim - 1})")
     return dim % ndim
-
-
-def _is_0(dim: int, ndim: int) -> bool:
-    """dim normalizes to 0 (an out-of-range dim counts as touching: the op will refuse it anyway)."""
-    return not -ndim <= dim < ndim or dim % ndim == 0
-
-
-def _along_dim_0(params: dict, ndim: int) -> bool:
-    return _is_0(params["dim"], ndim)
-
-
-def _along_new_dim_0(params: dict, ndim: int) -> bool:  # stack: dim counts in the output, ndim + 1
-    return _along_dim_0(params, ndim + 1)
 
 
 def _same(op: str, specs: list[Spec], skip: int | None) -> None:
@@ -205,14 +226,33 @@ def _same(op: str, specs: list[Spec], skip: int | None) -> None:
                 raise OpError(f"{op}: inputs differ in dim {d}: {list(shape)} vs {list(other)}")
 
 
-def _output(shape: list[int], like: torch.Tensor) -> torch.Tensor:
-    """Where an op writes its result (`like`'s dtype): recycled memory (buffers.py)."""
-    from moeconv import buffers
+def same_rows_unless_dim_0(dim_param: str = "dim"):
+    """Row map of an op acting along one dim: rows stream unless that dim is axis 0 (then whole)."""
 
-    return buffers.empty(shape, like.dtype)
+    def rows(params: dict, specs: list[Spec], index: int) -> RowMap:
+        ndim = len(specs[0][1])
+        return SAME_ROWS if ndim and params[dim_param] % ndim != 0 else None
+
+    return rows
 
 
-# ---- the ops: shape rule, then kernel (the rule has checked the inputs before a kernel runs) -----
+def same_rows(params: dict, specs: list[Spec], index: int) -> RowMap:
+    """Row map of an elementwise op: rows stream (0-d tensors are computed whole)."""
+    return SAME_ROWS if specs[0][1] else None
+
+
+def _row_ranges(sizes: list[int], start: int, stop: int) -> list[tuple[int, int, int]]:
+    """Rows start:stop of inputs laid end to end along axis 0: (input, start, stop) in each."""
+    found, offset = [], 0
+    for i, size in enumerate(sizes):
+        lo, hi = max(start, offset), min(stop, offset + size)
+        if lo < hi:
+            found.append((i, lo - offset, hi - offset))
+        offset += size
+    return found
+
+
+# ---- the ops: shape rule, row map, kernel (the shape rule checked the inputs before a kernel runs) ---
 
 
 def _concat_shape(specs: list[Spec], *, dim: int) -> list[Spec]:
@@ -223,14 +263,26 @@ def _concat_shape(specs: list[Spec], *, dim: int) -> list[Spec]:
     return [(dtype, tuple(out))]
 
 
-@register("concat", shape=_concat_shape, inverse="split", n_inputs=None, leading=_along_dim_0)
+def _concat_rows(params: dict, specs: list[Spec], index: int) -> RowMap:
+    if params["dim"] % len(specs[0][1]) != 0:
+        return SAME_ROWS  # the shape rule checked that the inputs' axis 0 agree
+    sizes = [shape[0] for _, shape in specs]
+
+    def pieces(start: int, stop: int, within: int | None) -> list[Piece]:
+        if within is not None:
+            ((i, row, _),) = _row_ranges(sizes, within, within + 1)
+            return [(i, start, stop, row)]
+        return [(i, a, b, None) for i, a, b in _row_ranges(sizes, start, stop)]
+
+    return MovesRows(pieces, within_ok=True, passes_within=True)
+
+
+@register("concat", shape=_concat_shape, rows=_concat_rows, inverse="split", n_inputs=None)
 def concat(*xs: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Join tensors along an existing dim (e.g. gate [I, H] + up [I, H] -> [2I, H])."""
     import torch
 
-    shape = list(xs[0].shape)
-    shape[dim % xs[0].dim()] = sum(x.shape[dim % x.dim()] for x in xs)
-    return torch.cat(xs, dim=dim, out=_output(shape, xs[0]))  # contiguous
+    return torch.cat(xs, dim=dim)  # contiguous
 
 
 def _split_shape(specs: list[Spec], *, dim: int, parts: int) -> list[Spec]:
@@ -242,7 +294,21 @@ def _split_shape(specs: list[Spec], *, dim: int, parts: int) -> list[Spec]:
     return [(dtype, piece)] * parts
 
 
-@register("split", shape=_split_shape, inverse="concat", leading=_along_dim_0)
+def _split_rows(params: dict, specs: list[Spec], index: int) -> RowMap:
+    ((_, shape),) = specs
+    if params["dim"] % len(shape) != 0:
+        return SAME_ROWS
+    first = index * (shape[0] // params["parts"])
+
+    def pieces(start: int, stop: int, within: int | None) -> list[Piece]:
+        if within is not None:
+            return [(0, start, stop, first + within)]
+        return [(0, first + start, first + stop, None)]
+
+    return MovesRows(pieces, within_ok=True, passes_within=True)
+
+
+@register("split", shape=_split_shape, rows=_split_rows, inverse="concat")
 def split(x: torch.Tensor, *, dim: int = 0, parts: int = 2) -> tuple[torch.Tensor, ...]:
     """Cut a tensor into `parts` equal pieces along dim (e.g. [2I, H] -> gate [I, H], up [I, H])."""
     return tuple(piece.contiguous() for piece in x.split(x.shape[dim] // parts, dim=dim))
@@ -254,14 +320,27 @@ def _stack_shape(specs: list[Spec], *, dim: int) -> list[Spec]:
     return [(dtype, shape[:d] + (len(specs),) + shape[d:])]
 
 
-@register("stack", shape=_stack_shape, inverse="unstack", n_inputs=None, leading=_along_new_dim_0)
+def _stack_rows(params: dict, specs: list[Spec], index: int) -> RowMap:
+    member = specs[0][1]
+    if params["dim"] % (len(member) + 1) != 0:
+        return SAME_ROWS if member else None
+    if not member:
+        return None  # a stack of scalars: one small tensor, computed whole
+
+    def pieces(start: int, stop: int, within: int | None) -> list[Piece]:
+        if within is not None:
+            return [(within, start, stop, None)]  # rows of one member
+        return [(i, 0, member[0], None) for i in range(start, stop)]
+
+    return MovesRows(pieces, within_ok=True)
+
+
+@register("stack", shape=_stack_shape, rows=_stack_rows, inverse="unstack", n_inputs=None)
 def stack(*xs: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Stack equal-shaped tensors along a new dim (E experts [2I, H] -> [E, 2I, H])."""
     import torch
 
-    shape = list(xs[0].shape)
-    shape.insert(dim % (xs[0].dim() + 1), len(xs))
-    return torch.stack(xs, dim=dim, out=_output(shape, xs[0]))
+    return torch.stack(xs, dim=dim)
 
 
 def _unstack_shape(specs: list[Spec], *, dim: int) -> list[Spec]:
@@ -270,7 +349,20 @@ def _unstack_shape(specs: list[Spec], *, dim: int) -> list[Spec]:
     return [(dtype, shape[:d] + shape[d + 1 :])] * shape[d]
 
 
-@register("unstack", shape=_unstack_shape, inverse="stack", leading=_along_dim_0)
+def _unstack_rows(params: dict, specs: list[Spec], index: int) -> RowMap:
+    ((_, shape),) = specs
+    if params["dim"] % len(shape) != 0:
+        return SAME_ROWS if len(shape) > 1 else None
+    if len(shape) < 2:
+        return None
+
+    def pieces(start: int, stop: int, within: int | None) -> list[Piece]:
+        return [(0, start, stop, index)]  # rows of row `index` of the input
+
+    return MovesRows(pieces, asks_within=True)
+
+
+@register("unstack", shape=_unstack_shape, rows=_unstack_rows, inverse="stack")
 def unstack(x: torch.Tensor, *, dim: int = 0) -> tuple[torch.Tensor, ...]:
     """Split a tensor into its slices along dim, removing it ([E, 2I, H] -> E x [2I, H])."""
     return tuple(piece.contiguous() for piece in x.unbind(dim))
@@ -279,9 +371,10 @@ def unstack(x: torch.Tensor, *, dim: int = 0) -> tuple[torch.Tensor, ...]:
 _TILE_BYTES = 3 * 2**19  # 1.5 MiB: a band of the source that stays in this machine's 2 MiB L2
 
 
-def _transpose_leading(params: dict, ndim: int) -> bool:
-    d0, d1 = params["dim0"], params["dim1"]
-    return (_is_0(d0, ndim) or _is_0(d1, ndim)) and d0 % ndim != d1 % ndim
+def _transpose_rows(params: dict, specs: list[Spec], index: int) -> RowMap:
+    ndim = len(specs[0][1])
+    d0, d1 = params["dim0"] % max(ndim, 1), params["dim1"] % max(ndim, 1)
+    return SAME_ROWS if ndim and (d0 == d1 or 0 not in (d0, d1)) else None
 
 
 def _transpose_shape(specs: list[Spec], *, dim0: int, dim1: int) -> list[Spec]:
@@ -292,7 +385,7 @@ def _transpose_shape(specs: list[Spec], *, dim0: int, dim1: int) -> list[Spec]:
     return [(dtype, tuple(out))]
 
 
-@register("transpose", shape=_transpose_shape, inverse="transpose", leading=_transpose_leading)
+@register("transpose", shape=_transpose_shape, rows=_transpose_rows, inverse="transpose")
 def transpose(x: torch.Tensor, *, dim0: int, dim1: int) -> torch.Tensor:
     """Swap two dims, contiguous result ([E, 2I, H] -> [E, H, 2I] with dim0 = 1, dim1 = 2)."""
     d0, d1 = dim0 % x.dim(), dim1 % x.dim()
@@ -301,7 +394,9 @@ def transpose(x: torch.Tensor, *, dim0: int, dim1: int) -> torch.Tensor:
         return x.transpose(d0, d1).contiguous()
     # One strided copy of a [5760, 2880] bf16 matrix runs at ~1.2e8 elem/s here (every read misses
     # cache); copying bands of rows of x's dim a that fit in L2 runs at ~9e8 (tiles measured 16..1920).
-    out = _output(list(x.transpose(a, b).shape), x)  # x's shape with dims a and b swapped
+    import torch
+
+    out = torch.empty(x.transpose(a, b).shape, dtype=x.dtype)  # x's shape with dims a and b swapped
     band_bytes = x.element_size() * x[(0,) * a].numel() // x.shape[a]  # bytes of one index along dim a
     band = max(16, _TILE_BYTES // max(band_bytes, 1))
     for start in range(0, x.shape[a], band):
@@ -323,7 +418,7 @@ def _pairs_shape(op: str):
     return rule
 
 
-@register("deinterleave", shape=_pairs_shape("deinterleave"), inverse="interleave", leading=_along_dim_0)
+@register("deinterleave", shape=_pairs_shape("deinterleave"), rows=same_rows_unless_dim_0(), inverse="interleave")
 def deinterleave(x: torch.Tensor, *, dim: int, order: Order = "gate-first") -> torch.Tensor:
     """Rows g0 u0 g1 u1 .. along dim (gpt-oss: even = gate, odd = up) -> halves g.. u.. (or u.. g..)."""
     d = dim % x.dim()
@@ -333,7 +428,7 @@ def deinterleave(x: torch.Tensor, *, dim: int, order: Order = "gate-first") -> t
     return halves.reshape(x.shape).contiguous()
 
 
-@register("interleave", shape=_pairs_shape("interleave"), inverse="deinterleave", leading=_along_dim_0)
+@register("interleave", shape=_pairs_shape("interleave"), rows=same_rows_unless_dim_0(), inverse="deinterleave")
 def interleave(x: torch.Tensor, *, dim: int, order: Order = "gate-first") -> torch.Tensor:
     """Halves g.. u.. (or u.. g.. with up-first) along dim -> rows g0 u0 g1 u1 .. (gpt-oss order)."""
     d = dim % x.dim()
@@ -343,21 +438,17 @@ def interleave(x: torch.Tensor, *, dim: int, order: Order = "gate-first") -> tor
     return halves.transpose(d, d + 1).reshape(x.shape).contiguous()  # [.., n, 2, ..] -> g0 u0 g1 u1 ..
 
 
-def _never(params: dict, ndim: int) -> bool:
-    return False
-
-
 def _cast_shape(specs: list[Spec], *, dtype: str) -> list[Spec]:
     (_, shape), = specs
-    return [(USER_DTYPES[dtype], shape)]
+    return [(dtype, shape)]
 
 
-@register("cast", shape=_cast_shape, leading=_never)
-def cast(x: torch.Tensor, *, dtype: DtypeName) -> torch.Tensor:
+@register("cast", shape=_cast_shape, rows=same_rows)
+def cast(x: torch.Tensor, *, dtype: Dtype) -> torch.Tensor:
     """Convert to bf16 / fp16 / fp32; a finite value that would become inf is an error, never silent."""
     import torch
 
-    target = dtypes.to_torch(USER_DTYPES[dtype])
+    target = dtypes.to_torch(dtype)
     y = x.to(target).contiguous()
     if y.is_floating_point() and torch.isinf(y).any():
         overflow = torch.isinf(y) & ~torch.isinf(x.to(torch.float64) if not x.is_floating_point() else x)
@@ -365,30 +456,7 @@ def cast(x: torch.Tensor, *, dtype: DtypeName) -> torch.Tensor:
         if count:
             largest = float(x[overflow].abs().max())
             raise OpError(
-                f"cast: {count} value(s) overflow {dtype} (largest magnitude {largest:.6g}, "
-                f"{dtype} max {torch.finfo(target).max:.6g}); keep a wider dtype"
+                f"cast: {count} value(s) overflow {dtypes.SHORT_NAMES[dtype]} (largest magnitude {largest:.6g}, "
+                f"{dtypes.SHORT_NAMES[dtype]} max {torch.finfo(target).max:.6g}); keep a wider dtype"
             )
     return y
-
-
-def _mxfp4_leading(params: dict, ndim: int) -> bool:
-    return ndim <= 2  # blocks [G, 16]: axis 0 is the group axis and the output's axis 0 is 32x longer
-
-
-def _dequantize_mxfp4_shape(specs: list[Spec], *, dtype: str) -> list[Spec]:
-    (blocks_dtype, blocks), (scales_dtype, scales) = specs
-    if blocks_dtype != "U8" or scales_dtype != "U8":
-        raise OpError(f"dequantize-mxfp4: blocks and scales must be U8, got {blocks_dtype} and {scales_dtype}")
-    if len(blocks) < 2 or blocks[-1] != 16:
-        raise OpError(f"dequantize-mxfp4: blocks must be [..., G, 16], got {list(blocks)}")
-    if blocks[:-1] != scales:
-        raise OpError(f"dequantize-mxfp4: scales {list(scales)} must equal blocks' shape without the last dim {list(blocks[:-1])}")
-    return [(USER_DTYPES[dtype], blocks[:-2] + (blocks[-2] * 32,))]
-
-
-@register("dequantize-mxfp4", shape=_dequantize_mxfp4_shape, n_inputs=2, leading=_mxfp4_leading)
-def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, *, dtype: DtypeName = "bf16") -> torch.Tensor:
-    """MXFP4 U8 blocks [.., G, 16] + U8 scales [.., G] -> [.., G*32] (source row orientation), bit-exact."""
-    from moeconv import mxfp4
-
-    return mxfp4.dequantize(blocks, scales, dtype=dtypes.to_torch(USER_DTYPES[dtype]))

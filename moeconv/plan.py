@@ -1,22 +1,24 @@
 """The plan: every output tensor, shard and problem, decided from headers alone.
 
 Rules are applied in order; each sees the keys the earlier ones produced (cascade), so a user
-recipe can transpose what a preset fused. Nothing here reads tensor data or imports torch: ops'
-shape rules give every output's dtype and shape, so a dry run is exact and errors surface before
-any I/O.
+recipe can transpose what a preset fused. Nothing here reads tensor data: ops' shape rules give
+every output's dtype and shape, and the format module lays out every shard, so a dry run is exact
+and errors surface before any I/O. The load report (moeconv.report) is computed on demand
+(`Plan.report`), or started on a thread while the data moves (`Plan.start_report`).
 """
 
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from moeconv import companions, dtypes, ops
 from moeconv.errors import MoeconvError, PlanError
+from moeconv.format import ShardLayout, TensorSpec, plan_shards
 from moeconv.graph import Node, OpNode, SourceNode, infer_outputs
 from moeconv.keys import is_number, natural_key
 from moeconv.recipe import OpStep, Recipe, Rule
-from moeconv.report import LoadReport
-from moeconv.report_process import BackgroundReport, answer
+from moeconv.report import LoadReport, check_load
 from moeconv.source import Checkpoint
-from moeconv.writer import ShardLayout, TensorSpec, plan_shards
 
 DEFAULT_DTYPE = "BF16"  # what "$dtype" means when --dtype is not given
 
@@ -84,32 +86,57 @@ class Plan:
     shards: list[ShardLayout]
     config: dict | None  # the output config.json
     companion_files: list[str]  # small files copied next to the shards (names relative to the source root)
-    load_report: LoadReport | BackgroundReport  # BackgroundReport: still being computed
     warnings: list[str]
     align: int
     max_shard_size: int = 5 * 10**9
-    dtype: str | None = None  # --dtype as given ("bf16", ...), None when not given
+    dtype: str | None = None  # --dtype as a safetensors name ("BF16"), None when not given
+    _report: "LoadReport | Future | None" = field(default=None, repr=False)
+    _report_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def rebuild(self) -> dict:
         """What re-planning needs besides the source: recipe origins and TOML texts, options."""
         return {
             "recipes": [{"origin": r.origin, "text": r.text} for r in self.recipes],
-            "dtype": self.dtype,
+            "dtype": dtypes.SHORT_NAMES[self.dtype] if self.dtype else None,
             "align": self.align,
             "max_shard_size": self.max_shard_size,
         }
 
-    @property
-    def report_pending(self) -> bool:
-        """The load report is still being computed in a child process (see BackgroundReport)."""
-        return isinstance(self.load_report, BackgroundReport) and self.load_report.pending
+    def planned(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """key -> (safetensors dtype, shape) of every output tensor."""
+        return {t.key: (t.dtype, t.shape) for t in self.tensors.values()}
+
+    def start_report(self) -> None:
+        """Compute the load report on a thread (importing transformers takes seconds) while the
+        caller goes on; `report` then waits for it."""
+        with self._report_lock:
+            if self._report is not None:
+                return
+            future: Future = Future()
+            self._report = future
+        planned, config = self.planned(), self.config
+
+        def compute() -> None:
+            future.set_running_or_notify_cancel()
+            try:
+                future.set_result(check_load(planned, config))
+            except BaseException as error:  # handed to whoever reads `report`
+                future.set_exception(error)
+
+        # A daemon thread: an interrupted run exits at once instead of waiting for transformers.
+        threading.Thread(target=compute, name="moeconv-report", daemon=True).start()
 
     @property
     def report(self) -> LoadReport:
-        """The load report (waits for it if it is still being computed in the background)."""
-        if not isinstance(self.load_report, LoadReport):
-            self.load_report = self.load_report.result()
-        return self.load_report
+        """What transformers would find missing, unexpected or mismatched (computed once)."""
+        with self._report_lock:
+            if self._report is None:
+                self._report = check_load(self.planned(), self.config)
+            report = self._report
+        if isinstance(report, Future):
+            report = report.result()
+            self._report = report
+        return report
 
     @property
     def total_bytes(self) -> int:
@@ -317,8 +344,7 @@ class _Planner:
             raise PlanError(f"{rule.where}: {where}: {error}") from None
 
     def _params(self, step: OpStep) -> dict:
-        run_dtype = dtypes.SHORT_NAMES[self.dtype or DEFAULT_DTYPE]
-        return {k: (run_dtype if v == "$dtype" else v) for k, v in step.params.items()}
+        return {k: (self.dtype or DEFAULT_DTYPE if v == "$dtype" else v) for k, v in step.params.items()}
 
     def _target(self, rule: Rule, groups: dict, value: Value) -> str:
         try:
@@ -333,13 +359,13 @@ class _Planner:
         """--dtype: every floating-point output in that dtype (exact ops already produce it)."""
         if self.dtype is None:
             return
-        params = {"dtype": dtypes.SHORT_NAMES[self.dtype]}
+        params = {"dtype": self.dtype}
         for key, entry in self.namespace.items():
             node = entry.node
             if dtypes.is_float(node.dtype) and node.dtype != self.dtype:
                 (dtype, shape), = infer_outputs("cast", params, [node])
                 entry.node = OpNode("cast", params, [node], 0, dtype, shape)
-                entry.ops += (f"cast(dtype={params['dtype']})",)
+                entry.ops += (f"cast(dtype={dtypes.SHORT_NAMES[self.dtype]})",)
 
 
 def _op_arity(name: str) -> int | None:
@@ -366,15 +392,12 @@ def build_plan(
     align: int = 16,
     max_shard_size: int = 5 * 10**9,
     strict: bool = False,
-    background_report: BackgroundReport | None = None,
 ) -> Plan:
     """Plan a conversion of `source` with `recipes` applied in order. Reads headers only.
 
     `dtype` (--dtype: "bf16", "fp16", "fp32", a long spelling, a safetensors name or a torch
     dtype) makes every floating output that dtype; `strict` turns rules that match nothing into
     errors. Raises PlanError at the first problem, naming the rule and key.
-    `background_report`: the load report is submitted to it, computed in its child process while
-    the caller goes on (`plan.report` waits for it); for a conversion that writes it last.
     """
     if dtype is not None and dtype not in dtypes.SHORT_NAMES:
         dtype = dtypes.parse_user_dtype(str(dtype).removeprefix("torch."))
@@ -401,9 +424,6 @@ def build_plan(
             planner.warnings.append(f"'{key}' in {layout.name} cannot start {align}-byte aligned (odd-sized tensors)")
 
     config = companions.output_config(source.config, tensors.values(), dtype)
-    planned = {t.key: (t.dtype, t.shape) for t in tensors.values()}
-    if background_report is not None:
-        background_report.submit(planned, config)
     return Plan(
         source=source,
         recipes=list(recipes),
@@ -411,9 +431,8 @@ def build_plan(
         shards=shards,
         config=config,
         companion_files=companions.companion_files(source.root, source.listing),
-        load_report=background_report if background_report is not None else answer(planned, config),
         warnings=planner.warnings,
         align=align,
         max_shard_size=max_shard_size,
-        dtype=dtypes.SHORT_NAMES[dtype] if dtype is not None else None,
+        dtype=dtype,
     )

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from moeconv import ops
+import moeconv.formats  # noqa: F401  (registers the formats' ops, which recipes name)
+from moeconv import dtypes, ops
 from moeconv.errors import RecipeError
 
 # Keys an op entry may carry besides the op's own parameters: they steer the planner.
@@ -46,7 +47,7 @@ class OpStep:
 
     def describe(self, params: dict | None = None) -> str:
         """'transpose(dim0=1, dim1=2)', with `params` (resolved "$dtype") when given."""
-        args = ", ".join(f"{k}={v}" for k, v in (params or self.params).items())
+        args = ", ".join(f"{k}={dtypes.SHORT_NAMES.get(v, v) if isinstance(v, str) else v}" for k, v in (params or self.params).items())
         return f"{self.op}({args})"
 
 

@@ -23,13 +23,9 @@ holds a float (or the reverse) is: that is a quantized tensor under a dequantize
 (transformers would cast those silently too and load garbage: this rule is stricter than its loader.)
 
 Quantization: a config that keeps `quantization_config` is judged by the key names that quantization
-serializes, whatever this machine could run. transformers only builds its quantized modules with GPU /
-triton kernels (`replace_with_mxfp4_linear` fetches a hub kernel; on CPU it dequantizes instead), so
-the quantized layout is applied here: transformers' own module swap rule (`GptOssMLP` not in
-`modules_to_not_convert`, `should_convert_module`) and module (`Mxfp4GptOssExperts`, whose packed U8
-params are [E, 2I, H/2] and [E, H, I/2]) and its quantizer's `serialized_names` (`gate_up_proj` ->
-`gate_up_proj_blocks`, `gate_up_proj_scales`); only how packed bytes split into blocks and scales is
-written down here, as the table `_SERIALIZED_SHAPES`. An unknown `quant_method` is not checked.
+serializes, whatever this machine could run. transformers only builds its quantized modules with GPU
+kernels, so each format module puts transformers' own quantized modules on the meta model itself
+(`Format.consumer_layout`, e.g. moeconv/formats/mxfp4.py). A quant_method with none is not checked.
 (`Mxfp4GptOssExperts` declares its biases F32, so `expected_tensors` says F32 there; any float loads.)
 
 Not checked (`checked=False` with the reason) rather than guessed: no transformers, no or unknown
@@ -42,12 +38,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from moeconv import dtypes
 from moeconv.errors import MoeconvError
+from moeconv.formats import FORMATS
 from moeconv.keys import collapse_keys, natural_key
 
 if TYPE_CHECKING:
@@ -80,7 +77,6 @@ class LoadReport:
     mismatched: list[Mismatch] = field(default_factory=list)  # shape (or int/float kind) differs
     # transformers' own `conversion_errors`: a converter (e.g. the expert merge) raised on these keys
     conversion_errors: dict[str, str] = field(default_factory=dict)
-    recalled: bool = field(default=False, compare=False)  # from an earlier run's answer (report_cache)
 
     def ok(self) -> bool:
         """Checked, and nothing missing, unexpected, mismatched or failing to convert."""
@@ -98,26 +94,9 @@ class LoadReport:
             "conversion_errors": dict(self.conversion_errors),
         }
 
-    @classmethod
-    def from_json(cls, data: dict, *, recalled: bool = False) -> LoadReport:
-        """The inverse of to_json (for a dict of that shape: report_cache checks it)."""
-        mismatched = [Mismatch(m["key"], m["expected"], m["actual"]) for m in data["mismatched"]]
-        return cls(data["checked"], data["reason"], data["consumer"], list(data["missing"]), list(data["unexpected"]),
-                   mismatched, dict(data["conversion_errors"]), recalled=recalled)
-
 
 # ---------------------------------------------------------------------------------------------
 # Building the consumer on the meta device
-
-
-def import_consumer() -> None:
-    """Import the transformers code check_load runs (seconds of CPU), e.g. ahead of time in a
-    process that answers later; ImportError without transformers."""
-    _import_transformers()
-    import transformers.conversion_mapping  # noqa: F401
-    import transformers.core_model_loading  # noqa: F401
-    import transformers.modeling_utils  # noqa: F401
-    import transformers.models.auto.configuration_auto  # noqa: F401
 
 
 def _import_transformers():
@@ -174,52 +153,6 @@ def _model_class(transformers, config_obj, architectures: list[str] | None):
     )
 
 
-# MXFP4 (OCP MX): 32 FP4 values = 16 packed bytes per block, and one E8M0 scale byte per block.
-# transformers holds the packed bytes as one U8 param [..., K/2] and serializes it under the names in
-# `Mxfp4HfQuantizer.serialized_names`; how [..., K/2] splits into those is this table (suffix -> shape).
-_SERIALIZED_SHAPES: dict[str, dict[str, Callable[[tuple[int, ...]], tuple[int, ...]]]] = {
-    "mxfp4": {
-        "_blocks": lambda packed: (*packed[:-1], packed[-1] // 16, 16),  # [E, R, K/32, 16]
-        "_scales": lambda packed: (*packed[:-1], packed[-1] // 16),  # [E, R, K/32]
-    },
-}
-
-
-def _apply_mxfp4(model, quantization_config: dict) -> None:
-    """transformers' `replace_with_mxfp4_linear` without its kernel download, then the packed params
-    renamed and reshaped to the serialized tensors (blocks + scales)."""
-    from transformers.integrations.mxfp4 import Mxfp4GptOssExperts, Mxfp4GptOssMLP
-    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
-    from transformers.quantizers.quantizer_mxfp4 import Mxfp4HfQuantizer
-    from transformers.quantizers.quantizers_utils import should_convert_module
-    from transformers.utils.quantization_config import Mxfp4Config
-
-    quantizer = Mxfp4HfQuantizer(Mxfp4Config.from_dict(dict(quantization_config)), pre_quantized=True)
-    skip = quantizer.get_modules_to_not_convert(
-        model, quantizer.quantization_config.modules_to_not_convert, model._keep_in_fp32_modules
-    )
-    import torch
-
-    shapes = _SERIALIZED_SHAPES["mxfp4"]
-    for name, module in list(model.named_modules()):
-        if not (isinstance(module, GptOssMLP) and should_convert_module(f"{name}.experts", skip)):
-            continue
-        with torch.device("meta"):
-            experts = Mxfp4GptOssExperts(model.config)
-            for param, serialized in Mxfp4HfQuantizer.serialized_names.items():
-                packed = tuple(experts._parameters.pop(param).shape)  # [E, 2I, H/2] or [E, H, I/2], U8
-                for key in serialized:
-                    shape = shapes[key.removeprefix(param)](packed)
-                    experts.register_parameter(
-                        key, torch.nn.Parameter(torch.empty(shape, dtype=torch.uint8), requires_grad=False)
-                    )
-            model.set_submodule(name, Mxfp4GptOssMLP(module.router, experts))
-
-
-# quant_method -> how the quantized layout is put on the meta model. Anything else: not checked.
-_QUANTIZED_LAYOUTS: dict[str, Callable[[Any, dict], None]] = {"mxfp4": _apply_mxfp4}
-
-
 def _build_meta_model(config: dict):
     """(model on meta, consumer description). Raises ConsumerUnavailable with the reason."""
     import torch
@@ -227,10 +160,10 @@ def _build_meta_model(config: dict):
     transformers = _import_transformers()
     quantization = config.get("quantization_config")
     quant_method = (quantization or {}).get("quant_method")
-    if quantization is not None and quant_method not in _QUANTIZED_LAYOUTS:
+    layouts = {name: fmt.consumer_layout for name, fmt in FORMATS.items() if fmt.consumer_layout is not None}
+    if quantization is not None and quant_method not in layouts:
         raise ConsumerUnavailable(
-            f"quant_method '{quant_method}' is not known to moeconv's load report "
-            f"(known: {', '.join(sorted(_QUANTIZED_LAYOUTS))})"
+            f"quant_method '{quant_method}' is not known to moeconv's load report (known: {', '.join(sorted(layouts))})"
         )
     with _quiet_transformers():
         config_obj = _config_object(transformers, config)
@@ -246,7 +179,7 @@ def _build_meta_model(config: dict):
                 stack.enter_context(context)
             model = cls(config_obj)
         if quantization is not None:
-            _QUANTIZED_LAYOUTS[quant_method](model, quantization)
+            layouts[quant_method](model, quantization)
     consumer = f"transformers {transformers.__version__} {cls.__name__}"
     if quantization is not None:
         consumer += f" ({quant_method})"
@@ -391,12 +324,11 @@ def render_report(report: LoadReport, console: Console) -> None:
     if not report.checked:
         console.print(f"[yellow]load report: not checked[/yellow] - {report.reason}")
         return
-    recalled = " (recalled from an earlier run: same planned output, same transformers code)" if report.recalled else ""
     if report.ok():
-        console.print(f"[green]load report: clean[/green] - {report.consumer} loads every key, nothing left over{recalled}")
+        console.print(f"[green]load report: clean[/green] - {report.consumer} loads every key, nothing left over")
         return
 
-    table = Table(title=f"LOAD REPORT vs {report.consumer}{recalled}", title_justify="left")
+    table = Table(title=f"LOAD REPORT vs {report.consumer}", title_justify="left")
     table.add_column("key", overflow="fold")
     table.add_column("status")
     table.add_column("checkpoint (planned)")

@@ -16,65 +16,23 @@ from __future__ import annotations  # torch is imported by the first tensor read
 
 import json
 import math
-import os
 import struct
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moeconv import buffers, directio, dtypes
+from moeconv import directio, dtypes
 from moeconv.errors import CheckpointError
+from moeconv.format import HEADER_CAP, INDEX_NAME, SINGLE_NAME, TensorInfo, check_header, unique_object
+from moeconv.format import quote as _q
 from moeconv.keys import natural_key
 
 if TYPE_CHECKING:
     import torch
 
-HEADER_CAP = 100_000_000  # the reference parser's limit on the JSON header
 INDEX_CAP = 100_000_000  # an index larger than this is not an index
-SINGLE_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-DIRECT_READ_BYTES = 1 << 20  # reads this big bypass the page cache (see directio); smaller ones use it
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """One tensor as its header describes it; begin/end are ABSOLUTE file offsets."""
-
-    key: str
-    dtype: str  # safetensors name, e.g. "BF16", "U8"
-    shape: tuple[int, ...]
-    file: Path  # absolute path of the shard
-    begin: int  # absolute offset of the first byte (8 + header_len + data_offsets[0])
-    end: int  # absolute offset one past the last byte
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.begin
-
-
-def _q(text: str) -> str:
-    """Quote a name taken from a file so the message stays one line whatever it contains."""
-    return json.dumps(text, ensure_ascii=False)
-
-
-def _unique_object(pairs: list[tuple[str, object]]) -> dict:
-    seen: dict = {}
-    for key, value in pairs:
-        if key in seen:
-            raise ValueError(f"duplicate key {_q(key)}")
-        seen[key] = value
-    return seen
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _supported() -> str:
-    return ", ".join(dtypes.ITEMSIZE)
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
@@ -111,72 +69,12 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]
     except UnicodeDecodeError as error:
         raise CheckpointError(f"{name}: header is not UTF-8 (byte {error.start}); not a safetensors file or corrupt") from None
     try:
-        header = json.loads(text, object_pairs_hook=_unique_object)
+        header = json.loads(text, object_pairs_hook=unique_object)
     except ValueError as error:  # JSONDecodeError or a duplicate key
         raise CheckpointError(f"{name}: header is not valid JSON ({error}); the file is corrupt") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{name}: header is JSON {type(header).__name__}, not an object; the file is corrupt")
     return check_header(path, header, data_start, size)
-
-
-def check_header(path: Path, header: dict, data_start: int, size: int) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
-    """Validate a decoded header of the file at `path` (data buffer at `data_start`, file `size` bytes).
-
-    The one set of rules for every header, whether read from the file or fetched by ranged requests
-    from the hub: entries, dtypes, shapes vs byte counts, no holes or overlaps, buffer ends at `size`.
-    """
-    path = Path(path).absolute()
-    name = str(path)
-    header = dict(header)
-    metadata = header.pop("__metadata__", None)
-    if metadata is None:
-        metadata = {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise CheckpointError(f"{name}: __metadata__ must be a map of strings to strings; the file is corrupt")
-
-    tensors: list[TensorInfo] = []
-    for key, entry in header.items():
-        where = f"{name}: tensor {_q(key)}"
-        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
-            raise CheckpointError(f"{where}: entry must be an object with dtype, shape and data_offsets")
-        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in dtypes.ITEMSIZE:
-            raise CheckpointError(f"{where}: unsupported dtype {_q(str(dtype))}; supported: {_supported()}")
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            raise CheckpointError(f"{where}: shape {json.dumps(shape)} must be a list of non-negative integers")
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(_is_int(o) and o >= 0 for o in offsets)
-            or offsets[0] > offsets[1]
-        ):
-            raise CheckpointError(f"{where}: data_offsets {json.dumps(offsets)} must be [begin, end] with 0 <= begin <= end")
-        expected = math.prod(shape) * dtypes.itemsize(dtype)
-        if offsets[1] - offsets[0] != expected:
-            raise CheckpointError(
-                f"{where}: shape {shape} x {dtype} is {expected} bytes but data_offsets {offsets} span {offsets[1] - offsets[0]}"
-            )
-        tensors.append(TensorInfo(key, dtype, tuple(shape), path, data_start + offsets[0], data_start + offsets[1]))
-
-    # The reference parser's rule: sorted by offset, each tensor begins where the previous ends,
-    # and the last one ends at the end of the file.
-    tensors.sort(key=lambda t: (t.begin, t.end))
-    position, previous = data_start, None
-    for info in tensors:
-        if info.begin != position:
-            what = "a hole before" if info.begin > position else "an overlap with the previous tensor at"
-            after = f" (after {_q(previous)})" if previous is not None else ""
-            raise CheckpointError(
-                f"{name}: tensor {_q(info.key)}: data is not contiguous: {what} data offset {info.begin - data_start}"
-                f", expected {position - data_start}{after}; the file is corrupt"
-            )
-        position, previous = info.end, info.key
-    if position != size:
-        raise CheckpointError(
-            f"{name}: tensor data ends at byte {position} but the file has {size} bytes"
-            f" ({'truncated' if position > size else 'trailing bytes'}); the file is corrupt or incomplete"
-        )
-    return {t.key: t for t in tensors}, metadata, data_start
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -239,10 +137,8 @@ class Checkpoint:
         self.listing = listing  # root-level file name -> size; None: read the folder
         self.fetch = fetch
         self.evict = evict
-        self._handles: dict[Path, object] = {}  # safetensors handles, for 0-d tensors
         self._fetched: set[Path] = set()
-        self._fds: dict[Path, int] = {}  # plain descriptors for pread (see `read`)
-        self._direct_fds: dict[Path, int | None] = {}  # O_DIRECT ones (None: refused) for big reads
+        self._readers: dict[Path, directio.Reader] = {}
         self._lock = threading.Lock()
 
     # -- opening ----------------------------------------------------------------------------------
@@ -395,34 +291,16 @@ class Checkpoint:
                     self.fetch(file)
                     self._fetched.add(file)
 
-    def _handle(self, file: Path):
-        handle = self._handles.get(file)
-        if handle is None:
+    def _reader(self, file: Path) -> directio.Reader:
+        if file not in self._readers:
             self._ready(file)
             with self._lock:
-                handle = self._handles.get(file)
-                if handle is None:
-                    from safetensors import safe_open  # imports torch
-
+                if file not in self._readers:
                     try:
-                        handle = safe_open(str(file), framework="pt", device="cpu")
-                    except Exception as error:  # safetensors raises its own error types
-                        raise CheckpointError(f"{file}: cannot open: {error}") from None
-                    self._handles[file] = handle
-        return handle
-
-    def _fd(self, file: Path, direct: bool = False) -> int | None:
-        """A descriptor for pread; `direct`: an O_DIRECT one, None where the filesystem refuses it."""
-        fds = self._direct_fds if direct else self._fds
-        if file not in fds:
-            self._ready(file)
-            with self._lock:
-                if file not in fds:
-                    try:
-                        fds[file] = directio.open_direct(file) if direct else os.open(file, os.O_RDONLY)
+                        self._readers[file] = directio.Reader(file)
                     except OSError as error:
                         raise CheckpointError(f"{file}: cannot open: {error.strerror or error}") from None
-        return fds[file]
+        return self._readers[file]
 
     def _locate(self, key: str, start: int | None, stop: int | None, within: int | None) -> tuple[TensorInfo, tuple[int, ...], int, int]:
         """(info, shape, file offset, byte count) of rows start:stop of `key` (of row `within`'s own
@@ -450,84 +328,47 @@ class Checkpoint:
         rows start:stop of the second axis of row `within` (a slice of one expert of a stacked
         tensor, also one contiguous byte range).
 
-        The rows are one contiguous byte range: it is pread into a fresh (or recycled, see
-        buffers.py) tensor. Not through the mmap: every mapped page a conversion touches stays in
-        the process's resident set until the file is closed, so peak RSS would grow with the input
-        (1.6 GB for one gpt-oss-120b layer); pread leaves those pages in the page cache only.
+        The bytes are read into fresh memory, not viewed through an mmap: every mapped page a
+        conversion touches stays in the process's resident set until the file is closed, so peak
+        RSS would grow with the input (1.6 GB for one gpt-oss-120b layer).
         """
         import torch
 
-        info, shape, offset, nbytes = self._locate(key, start, stop, within)
-        if not info.shape:
-            return self._handle(info.file).get_tensor(key)
+        info, shape, offset, _ = self._locate(key, start, stop, within)
+        data = self.read_bytes(key, start, stop, within=within)
         dtype = dtypes.to_torch(info.dtype)
-        aligned = offset % dtype.itemsize == 0  # else the bytes need a copy to be viewed as dtype
-        if nbytes >= DIRECT_READ_BYTES and aligned and (data := self._read_direct(info, offset, nbytes)) is not None:
-            return torch.frombuffer(data, dtype=torch.uint8).view(dtype).view(shape)
-        out = buffers.empty(shape, dtype)
-        if nbytes:
-            self._pread(info, memoryview(out.view(-1).view(torch.uint8).numpy()), offset)
-        return out
+        if not data.nbytes:
+            return torch.empty(shape, dtype=dtype)
+        if offset % dtype.itemsize:  # read into a page at the file's offset: copy to view as wider elements
+            data = memoryview(bytearray(data))
+        return torch.frombuffer(data, dtype=torch.uint8).view(dtype).view(shape)
 
     def read_bytes(self, key: str, start: int | None = None, stop: int | None = None, *, within: int | None = None) -> memoryview:
-        """The bytes `read` would return as a tensor, without torch: what a pass-through copy
-        writes (a conversion copies those while torch is still being imported)."""
+        """The bytes `read` would return as a tensor (what a pass-through copy writes)."""
         info, _, offset, nbytes = self._locate(key, start, stop, within)
-        if nbytes >= DIRECT_READ_BYTES and (data := self._read_direct(info, offset, nbytes)) is not None:
-            return data
-        view = buffers.window(nbytes) if nbytes >= DIRECT_READ_BYTES else memoryview(bytearray(nbytes))
-        self._pread(info, view, offset)
-        return view
-
-    def _pread(self, info: TensorInfo, view: memoryview, offset: int) -> None:
-        """Fill `view` from `offset` of the tensor's file (through the page cache)."""
-        fd = self._fd(info.file)
-        done = 0
-        while done < view.nbytes:
-            try:
-                got = os.preadv(fd, [view[done:]], offset + done)
-            except OSError as error:
-                raise CheckpointError(f"{info.file}: cannot read tensor {_q(info.key)}: {error.strerror or error}") from None
-            if got == 0:
-                raise CheckpointError(f"{info.file}: tensor {_q(info.key)} ends beyond the end of the file; the file changed or is truncated")
-            done += got
-
-    def _read_direct(self, info: TensorInfo, offset: int, nbytes: int) -> memoryview | None:
-        """Bytes offset:offset+nbytes of the tensor's file read with O_DIRECT (see directio), in
-        recycled memory; None when the file or filesystem cannot be read direct."""
-        fd = self._fd(info.file, direct=True)
-        if fd is None:
-            return None
-        start = offset - offset % directio.ALIGN  # the blocks around the range
-        window = buffers.window(directio.round_up(offset + nbytes - start))
         try:
-            if not directio.pread_direct(fd, window, start, offset + nbytes - start):
-                return None
+            return self._reader(info.file).read(offset, nbytes)
         except OSError as error:
             raise CheckpointError(f"{info.file}: cannot read tensor {_q(info.key)}: {error.strerror or error}") from None
-        return window[offset - start : offset - start + nbytes]
+        except EOFError:
+            raise CheckpointError(f"{info.file}: tensor {_q(info.key)} ends beyond the end of the file; the file changed or is truncated") from None
 
     def release_file(self, file: Path) -> None:
         """Close a shard and delete it through the `evict` hook (--low-disk); only remote sources have one."""
         if self.evict is None:
             raise CheckpointError(f"{self.origin}: a local checkpoint's files are never deleted (--low-disk is for hub repos)")
         with self._lock:
-            self._handles.pop(file, None)
             self._fetched.discard(file)
-            fds = [self._fds.pop(file, None), self._direct_fds.pop(file, None)]
-        for fd in fds:
-            if fd is not None:
-                os.close(fd)
+            reader = self._readers.pop(file, None)
+        if reader is not None:
+            reader.close()
         self.evict(file)
 
     def close(self) -> None:
         with self._lock:
-            self._handles.clear()
-            fds = [*self._fds.values(), *self._direct_fds.values()]
-            self._fds, self._direct_fds = {}, {}
-        for fd in fds:
-            if fd is not None:
-                os.close(fd)
+            readers, self._readers = list(self._readers.values()), {}
+        for reader in readers:
+            reader.close()
 
     def __enter__(self) -> "Checkpoint":
         return self
@@ -535,5 +376,16 @@ class Checkpoint:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def __getstate__(self) -> dict:
+        """Pickled without open files or locks (a plan sent to another process reopens them)."""
+        state = dict(self.__dict__)
+        state.update(_readers={}, _lock=None, _fetched=set())
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.root)!r}, {len(self.tensors)} tensors in {len(self.files)} files)"
+

@@ -21,12 +21,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from moeconv.checksum import ALGORITHMS, file_checksum
 from moeconv.errors import CheckpointError, VerifyError
-from moeconv.execute import CHUNK_BYTES, REPORT_NAME, Chunk, _chunks, _produce
+from moeconv.output import REPORT_NAME
 from moeconv.source import read_header
+from moeconv.stream import CHUNK_BYTES, Chunk, as_bytes, chunks, produce
 
 
 @dataclass
@@ -199,12 +198,6 @@ def sample_rows(length: int, count: int) -> list[int]:
     return sorted({round(i * (length - 1) / (count - 1)) for i in range(count)})
 
 
-def _as_bytes(chunk: torch.Tensor | tuple[memoryview, ...]) -> bytes:
-    if isinstance(chunk, tuple):  # source bytes as they are (a pass-through, stacked experts)
-        return b"".join(piece.tobytes() for piece in chunk)
-    return chunk.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
 def _check_values(out: Path, plan, result: VerifyResult, skip: set[str], sample: int | None, chunk_bytes: int) -> None:
     """Recompute every output tensor (or sampled rows) and compare bytes; stop at the first difference."""
     handles: dict[str, int] = {}
@@ -220,10 +213,10 @@ def _check_values(out: Path, plan, result: VerifyResult, skip: set[str], sample:
             elif sample is not None:
                 ranges = [Chunk(r, r + 1) for r in sample_rows(tensor.shape[0], sample)]
             else:
-                ranges = list(_chunks(tensor, chunk_bytes))
+                ranges = list(chunks(tensor, chunk_bytes))
             row_bytes = tensor.nbytes // tensor.shape[0] if tensor.shape and tensor.shape[0] else 0
             for rows in ranges:
-                expected = _as_bytes(_produce(tensor, rows))
+                expected = as_bytes(produce(tensor, rows))
                 start = tensor.offset + (rows.byte_offset(tensor.shape, tensor.nbytes) if rows else 0)
                 actual = os.pread(fd, len(expected), start)
                 if actual != expected:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moeconv import directio, source
+from moeconv import directio
 from moeconv.errors import CheckpointError
 from moeconv.source import Checkpoint
 
@@ -62,7 +62,7 @@ def test_appender_of_whole_blocks_and_of_nothing(tmp_path, mode):
 def test_big_reads_at_every_kind_of_offset_equal_safetensors(tmp_path, monkeypatch, mode):
     """Reads big enough to go direct, from tensors that start mid-block and one that ends the file
     mid-block (the direct read comes back short at the end of the file)."""
-    monkeypatch.setattr(source, "DIRECT_READ_BYTES", 1)
+    monkeypatch.setattr(directio, "DIRECT_BYTES", 1)
     generator = torch.Generator().manual_seed(1)
     tensors = {
         "a.small": torch.randint(0, 256, (3,), dtype=torch.uint8, generator=generator),
@@ -83,7 +83,7 @@ def test_big_reads_at_every_kind_of_offset_equal_safetensors(tmp_path, monkeypat
 
 def test_a_tensor_at_an_odd_byte_offset_is_read_right(tmp_path, monkeypatch):
     """A (legal but odd) F32 tensor starting at an odd offset cannot be viewed in place: it is copied."""
-    monkeypatch.setattr(source, "DIRECT_READ_BYTES", 1)
+    monkeypatch.setattr(directio, "DIRECT_BYTES", 1)
     values = torch.arange(5000, dtype=torch.float32)
     header, data = entries({"pad": ("U8", [3], b"abc"), "odd": ("F32", [5000], values.numpy().tobytes())})
     write(tmp_path / "model.safetensors", header, data, pad=1)
@@ -94,7 +94,7 @@ def test_a_tensor_at_an_odd_byte_offset_is_read_right(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("mode", [True, False], indirect=True, ids=["o_direct", "refused"])
 def test_a_truncated_file_is_an_error_on_the_direct_path_too(tmp_path, monkeypatch, mode):
-    monkeypatch.setattr(source, "DIRECT_READ_BYTES", 1)
+    monkeypatch.setattr(directio, "DIRECT_BYTES", 1)
     save_file({"s": torch.ones(1), "w": torch.ones(3000, 10)}, tmp_path / "model.safetensors")
     with Checkpoint.open(tmp_path) as checkpoint:
         checkpoint.read("s")  # opened (and checked by safetensors) before the file shrinks under us
@@ -111,7 +111,7 @@ def test_a_conversion_writes_the_same_bytes_with_and_without_o_direct(gpt_oss_mx
     from moeconv.plan import build_plan
     from moeconv.recipe import load_preset
 
-    monkeypatch.setattr(source, "DIRECT_READ_BYTES", 1)
+    monkeypatch.setattr(directio, "DIRECT_BYTES", 1)
     monkeypatch.setattr(directio, "STAGE_BYTES", 2 * directio.ALIGN)
     for name, o_direct in (("direct", directio.O_DIRECT), ("buffered", 0)):
         monkeypatch.setattr(directio, "O_DIRECT", o_direct)

@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from moeconv import dtypes
 from moeconv.errors import CheckpointError
 from moeconv.source import Checkpoint, read_header
-from moeconv.writer import ShardWriter, TensorSpec, layout_shard
+from moeconv.format import TensorSpec, layout_shard
+from moeconv.writer import ShardWriter
 
 DTYPES = sorted(dtypes.ITEMSIZE)
 keys = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=12).filter(lambda k: k != "__metadata__")

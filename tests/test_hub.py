@@ -20,7 +20,8 @@ from huggingface_hub.utils import SafetensorsFileMetadata, SafetensorsRepoMetada
 from typer.testing import CliRunner
 
 from moeconv.cli import app
-from moeconv.source import Checkpoint, INDEX_NAME, read_header
+from moeconv.format import INDEX_NAME
+from moeconv.source import Checkpoint, read_header
 
 REPO = "acme/tiny-gpt-oss"
 COMMIT_A = "a" * 40
@@ -192,10 +193,10 @@ def test_low_disk_schedule_releases_each_shard_after_its_last_reader(gpt_oss_mxf
     release, peak = input_schedule(plan)
     order = [spec.key for layout in plan.shards for spec in layout.order]
     assert sorted(f for files in release.values() for f in files) == sorted(source.files)
-    for position, files in release.items():
+    for last_key, files in release.items():
         for file in files:
             readers = [i for i, key in enumerate(order) if any(source.tensors[s].file == file for s in plan.tensors[key].sources)]
-            assert max(readers) == position
+            assert order[max(readers)] == last_key
     assert peak <= sum(p.stat().st_size for p in source.files)
 
 

@@ -17,7 +17,8 @@ import pytest
 import torch
 from transformers.integrations.mxfp4 import _convert_moe_packed_tensors
 
-from moeconv import mxfp4, ops
+from moeconv import ops
+from moeconv.formats import mxfp4
 from moeconv.errors import OpError
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]

@@ -269,7 +269,17 @@ def test_infer_shape_errors(name, specs, params, message):
         ops.apply(name, [_real(dtype, shape) for dtype, shape in specs], params)
 
 
-# ---- touches_leading_axis -----------------------------------------------------------------------
+# ---- row maps: which ops stream row blocks as they are --------------------------------------------
+
+
+def row_map(name: str, params: dict, ndim: int, n: int = 1, dtype: str = "BF16"):
+    """The op's row map for n inputs of rank ndim (a stack's dim counts in its output)."""
+    shape = (6, 4, 2, 4)[:ndim]
+    if name == "dequantize-mxfp4":
+        specs = [("U8", (*shape, 16)[-ndim:]), ("U8", (*shape, 16)[-ndim:-1])]
+    else:
+        specs = [(dtype, shape)] * n
+    return ops.get_op(name).rows(ops.check_params(name, params), specs, 0)
 
 SLICE_CASES = [
     ("concat", 2, {"dim": 1}, 2),
@@ -292,7 +302,7 @@ SLICE_CASES = [
 
 @pytest.mark.parametrize("name, n, params, ndim", SLICE_CASES, ids=[f"{c[0]}-{c[2]}" for c in SLICE_CASES])
 def test_ops_that_leave_axis_0_commute_with_slicing(name, n, params, ndim):
-    assert not ops.get_op(name).touches_leading_axis(params, ndim)
+    assert isinstance(row_map(name, params, ndim, n), ops.SameRows)
     g = torch.Generator().manual_seed(1)
     xs = [torch.randn(*(6, 4, 2, 4)[:ndim], generator=g).to(torch.bfloat16) for _ in range(n)]
     whole = ops.apply(name, xs, params)
@@ -303,9 +313,9 @@ def test_ops_that_leave_axis_0_commute_with_slicing(name, n, params, ndim):
 
 
 def test_dequantize_commutes_with_slicing_expert_axis():
-    op = ops.get_op("dequantize-mxfp4")
-    assert not op.touches_leading_axis({}, 4) and not op.touches_leading_axis({}, 3)
-    assert op.touches_leading_axis({}, 2)  # [G, 16]: axis 0 is the group axis
+    assert isinstance(row_map("dequantize-mxfp4", {}, 4), ops.SameRows)
+    assert isinstance(row_map("dequantize-mxfp4", {}, 3), ops.SameRows)
+    assert row_map("dequantize-mxfp4", {}, 2) is None  # [G, 16]: axis 0 is the group axis: computed whole
     blocks = torch.randint(0, 256, (5, 4, 3, 16), dtype=torch.uint8)
     scales = torch.randint(100, 140, (5, 4, 3), dtype=torch.uint8)
     (whole,) = ops.apply("dequantize-mxfp4", [blocks, scales], {})
@@ -330,7 +340,9 @@ def test_dequantize_commutes_with_slicing_expert_axis():
     ],
 )
 def test_ops_along_axis_0_say_so(name, params, ndim):
-    assert ops.get_op(name).touches_leading_axis(params, ndim)
+    found = row_map(name, params, ndim, n=2 if name in ("concat", "stack") else 1)
+    moves = name in ("concat", "split", "stack", "unstack")  # whole rows, as they are
+    assert isinstance(found, ops.MovesRows) if moves else found is None
 
 
 def test_along_axis_0_slicing_really_differs():
@@ -355,7 +367,7 @@ def test_unknown_op_lists_known_ops():
 def test_check_params_fills_defaults():
     assert ops.check_params("split", {}) == {"dim": 0, "parts": 2}
     assert ops.check_params("deinterleave", {"dim": 1}) == {"dim": 1, "order": "gate-first"}
-    assert ops.check_params("dequantize-mxfp4", {}) == {"dtype": "bf16"}
+    assert ops.check_params("dequantize-mxfp4", {}) == {"dtype": "BF16"}  # one spelling inside
     assert ops.check_params("transpose", {"dim0": 1, "dim1": 2}) == {"dim0": 1, "dim1": 2}
 
 

@@ -208,7 +208,7 @@ def test_every_dtype_spelling_plans_the_same(tmp_path, spelling):
     """build_plan takes --dtype's spellings, safetensors names and torch dtypes alike."""
     make_mixtral_like(tmp_path / "src")
     plan = plan_for(tmp_path / "src", load_preset("fuse-experts"), dtype=spelling)
-    assert {t.dtype for t in plan.tensors.values()} == {"F16"} and plan.dtype == "fp16"
+    assert {t.dtype for t in plan.tensors.values()} == {"F16"} and plan.dtype == "F16"
 
 
 def test_an_unknown_dtype_is_a_plain_error(tmp_path):

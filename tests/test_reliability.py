@@ -26,8 +26,10 @@ from typer.testing import CliRunner
 import safetensors_bytes as sb
 from moeconv.cli import app
 from moeconv.errors import WriteError
-from moeconv.execute import JOURNAL_NAME, REPLACED_NAME, REPORT_NAME, _BackgroundWriter
-from moeconv.writer import INDEX_NAME, ShardWriter
+from moeconv.execute import _BackgroundWriter
+from moeconv.output import JOURNAL_NAME, REPORT_NAME
+from moeconv.format import INDEX_NAME
+from moeconv.writer import ShardWriter
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -284,103 +286,45 @@ def test_out_not_empty_refused_unless_overwrite(single, tmp_path):
     assert (out / REPORT_NAME).exists()
 
 
-def _old_output(single, out: Path) -> dict[str, bytes]:
-    """A finished earlier conversion in OUT, more shards than the next one writes, plus leftovers
-    of an interrupted run (a temp file, replaced files not deleted yet); {name: bytes} of its shards."""
+
+
+
+
+
+
+
+
+
+
+def test_overwrite_replaces_the_old_shards_and_leftovers(single, tmp_path):
+    """The old report and index go first, then every old shard and temp file: the new output is
+    whole and nothing of the old one is left beside it."""
+    out = tmp_path / "out"
     assert convert(single, out, "-p", "fuse-experts", "--max-shard-size", "20KB").exit_code == 0
+    old = sorted(p.name for p in out.glob("*.safetensors"))
     (out / ".model.safetensors.1234.tmp").write_bytes(b"half")
-    (out / REPLACED_NAME).mkdir()
-    (out / REPLACED_NAME / "model-00009-of-00009.safetensors").write_bytes(b"old")
-    (out / REPLACED_NAME / "folder").mkdir()
-    (out / REPLACED_NAME / "folder" / "file").write_bytes(b"")
-    return {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
-
-
-@pytest.mark.parametrize("room", [True, False], ids=["room-for-both", "disk-nearly-full"])
-def test_overwrite_deletes_the_replaced_output_during_the_run_or_first_when_short_of_room(single, tmp_path, monkeypatch, room):
-    """With room for the new output beside the old one, the old shards wait in a hidden folder
-    (out of any loader's sight) and are deleted while the conversion runs; short of room, they are
-    deleted before it starts. Either way nothing of them is left, and the new output is whole."""
-    from moeconv import execute as execution
-
-    out = tmp_path / "out"
-    old = _old_output(single, out)
-    if not room:
-        real_usage = shutil.disk_usage
-        monkeypatch.setattr(execution.shutil, "disk_usage", lambda path: real_usage(path)._replace(free=1000))
-    seen: list[list[str]] = []  # what OUT held as the first chunk was computed
-    real_produce, real_delete, first_chunk = execution._produce, execution._OldOutput._delete, threading.Event()
-
-    def produce(tensor, rows):
-        if not seen:
-            seen.append(sorted(str(p.relative_to(out)) for p in out.rglob("*")))
-            first_chunk.set()
-        return real_produce(tensor, rows)
-
-    def delete(self):  # on its thread, only once the conversion is under way
-        if threading.current_thread() is not threading.main_thread():
-            first_chunk.wait(30)
-        real_delete(self)
-
-    monkeypatch.setattr(execution, "_produce", produce)
-    monkeypatch.setattr(execution._OldOutput, "_delete", delete)
-    monkeypatch.setenv("MOECONV_THREADS", "1")
     assert convert(single, out, "-p", "fuse-experts", "--overwrite").exit_code == 0
-    assert not (out / REPLACED_NAME).exists() and not list(out.glob(".*.tmp"))
-    new = {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
-    assert new.keys() == {"model.safetensors"} and len(old) >= 2
-    assert load_file(out / "model.safetensors").keys()  # a whole, loadable shard
-    replaced = {*old, ".model.safetensors.1234.tmp", "model-00009-of-00009.safetensors", "folder", "folder/file"}
-    hidden = {p.removeprefix(REPLACED_NAME + "/") for p in seen[0] if p.startswith(REPLACED_NAME + "/")}
-    assert not replaced & set(seen[0])  # none where it was: out of sight at once
-    if room:
-        assert hidden == replaced  # to be deleted as the run goes on
-    else:
-        assert not hidden and REPLACED_NAME not in seen[0]  # deleted before the run started
+    assert len(old) >= 2 and sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+    assert not list(out.glob(".*.tmp")) and load_file(out / "model.safetensors").keys()
+    assert json.loads((out / REPORT_NAME).read_text())["shards"][0]["name"] == "model.safetensors"
 
 
-def test_a_link_where_the_replaced_folder_goes_is_removed_not_followed(single, tmp_path):
-    """Deleting the replaced output must never reach through a link to delete what it points at."""
-    out, precious = tmp_path / "out", tmp_path / "precious"
-    assert convert(single, out, "-p", "fuse-experts").exit_code == 0
-    precious.mkdir()
-    (precious / "keep.safetensors").write_bytes(b"mine")
-    (out / REPLACED_NAME).symlink_to(precious, target_is_directory=True)
-    assert convert(single, out, "-p", "fuse-experts", "--overwrite").exit_code == 0
-    assert (precious / "keep.safetensors").read_bytes() == b"mine"
-    assert not (out / REPLACED_NAME).exists() and not (out / REPLACED_NAME).is_symlink()
-    (out / REPLACED_NAME).symlink_to(precious, target_is_directory=True)  # and on --resume
-    (out / JOURNAL_NAME).write_text('{"shards": {}}')
-    assert convert(single, out, "-p", "fuse-experts", "--overwrite", "--resume").exit_code == 0
-    assert (precious / "keep.safetensors").read_bytes() == b"mine"
-
-
-def test_a_replaced_file_that_cannot_be_deleted_is_a_one_line_error(single, tmp_path, monkeypatch):
+def test_an_old_file_that_cannot_be_deleted_is_a_one_line_error(single, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    _old_output(single, out)
+    assert convert(single, out, "-p", "fuse-experts", "--max-shard-size", "20KB").exit_code == 0
     real_unlink = Path.unlink
 
     def unlink(self, missing_ok=False):
-        if self.parent.name == REPLACED_NAME and self.name.startswith("model-00001"):
+        if self.name.startswith("model-00001"):
             raise PermissionError(13, "Permission denied", str(self))
         return real_unlink(self, missing_ok=missing_ok)
 
     monkeypatch.setattr(Path, "unlink", unlink)
-    line = assert_clean_failure(convert(single, out, "-p", "fuse-experts", "--overwrite"), out, f"{REPLACED_NAME}/model-00001-of-")
-    assert "cannot delete this file of the replaced output: Permission denied" in line
-
-
-def test_resume_clears_what_an_interrupted_overwrite_had_not_deleted(single, tmp_path, monkeypatch):
-    out = tmp_path / "out"
-    _old_output(single, out)
-    _fail_in_shard(monkeypatch, "00002")
-    result = convert(single, out, "-p", "fuse-experts", "--max-shard-size", "20KB", "--overwrite")
-    assert result.exit_code == 1
-    (out / REPLACED_NAME).mkdir(exist_ok=True)
-    (out / REPLACED_NAME / "model-00001-of-00002.safetensors").write_bytes(b"left by a Ctrl-C")
-    monkeypatch.undo()
-    assert convert(single, out, "-p", "fuse-experts", "--max-shard-size", "20KB", "--resume").exit_code == 0
-    assert not (out / REPLACED_NAME).exists() and (out / REPORT_NAME).exists()
+    result = convert(single, out, "-p", "fuse-experts", "--overwrite")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert "model-00001-of-" in line and "cannot delete this file of the replaced output: Permission denied" in line
+    assert not (out / REPORT_NAME).exists() and not (out / INDEX_NAME).exists()  # the old output no longer looks complete
 
 
 # ---- failures while writing -------------------------------------------------------------------------

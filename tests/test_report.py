@@ -16,8 +16,6 @@ from safetensors import safe_open  # noqa: E402
 from transformers import AutoModelForCausalLM, GptOssConfig, MixtralConfig, Qwen3MoeConfig  # noqa: E402
 
 from moeconv.dtypes import to_safetensors  # noqa: E402
-from moeconv import import_hint, report_process  # noqa: E402
-from moeconv.report_process import BackgroundReport  # noqa: E402
 from moeconv.report import (  # noqa: E402
     TRANSFORMERS_MISSING,
     LoadReport,
@@ -295,136 +293,22 @@ def test_no_config_is_not_checked():
 # --- in the background (a conversion overlaps it with its data path) -----------------------------
 
 
-def test_the_background_report_is_the_synchronous_one():
-    config = gpt_oss(quantized=True)
-    planned = meta_planned(config)  # bf16 experts under an mxfp4 config: a report with findings
-    background = BackgroundReport()
-    background.submit(planned, config)
-    report = background.result()
-    assert report == check_load(planned, config) and report.unexpected
-    assert background.result() is report  # computed once
 
 
-def test_an_error_in_the_background_report_is_raised_where_it_is_read(monkeypatch):
-    import moeconv.report
-
-    def fail(planned, config):
-        raise RuntimeError("the loader broke")
-
-    monkeypatch.setattr(moeconv.report, "check_load", fail)  # before the fork: the child has it too
-    with pytest.raises(RuntimeError, match="the loader broke"):
-        background = BackgroundReport()
-        background.submit({}, None)
-        background.result()
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="the report is computed in a child only on Linux")
-def test_a_killed_report_child_is_replaced_and_a_cancelled_one_is_gone():
-    config = mixtral()
-    planned = meta_planned(config)
-    background = BackgroundReport()
-    child = background._process
-    background.submit(planned, config)
-    child.kill()
-    assert background.result() == check_load(planned, config)  # computed here instead
-    assert not child.is_alive()
-    cancelled = BackgroundReport()
-    child = cancelled._process
-    cancelled.cancel()
-    assert not child.is_alive() and child.exitcode is not None
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="the report is computed in a child only on Linux")
-def test_a_report_child_that_is_never_asked_exits_when_the_parent_lets_go():
-    background = BackgroundReport()
-    child = background._process
-    background._asker.close()  # what the parent's death does to the pipe
-    child.join(timeout=60)
-    assert child.exitcode == 0
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="the report is computed in a child only on Linux")
-def test_the_report_child_records_what_its_import_read_and_the_next_one_prefetches_it(monkeypatch, tmp_path, tiny_gpt_oss_example_dir):
-    """A real `moeconv convert` (a fresh process: here transformers is imported already)."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    command = [sys.executable, "-m", "moeconv", "convert", str(tiny_gpt_oss_example_dir), str(tmp_path / "out"), "-p", "gpt-oss-bf16"]
-    done = subprocess.run(command, capture_output=True, text=True, env=os.environ)
-    assert done.returncode == 0, done.stderr
-    hint = import_hint.hint_path(report_process.HINT)
-    assert hint is not None and hint.parent == tmp_path / "moeconv"
-    files = import_hint.read(report_process.HINT)
-    assert any("transformers" in f and "modeling_utils" in f and f.endswith(".pyc") for f in files)  # compiled code
-    assert any("transformers" in f and f.endswith("modeling_utils.py") for f in files)  # sources: their mtime is read
-    assert not any(f.startswith(("/proc/", "/sys/", "/dev/")) for f in files)
-    assert all(f.startswith("/") for f in files) and files == sorted(set(files))
-    assert all(os.path.isfile(f) for f in files)  # not the temp file transformers' import probes and deletes
-    assert not any(f"{os.sep}torch{os.sep}lib{os.sep}" in f for f in files)  # torch's own import is left out (measured)
-    written = hint.stat().st_mtime_ns
-    again = subprocess.run(command + ["--overwrite"], capture_output=True, text=True, env=os.environ)
-    assert again.returncode == 0, again.stderr
-    assert hint.stat().st_mtime_ns == written  # the same import reads the same files: the hint stands
-    os.mkfifo(tmp_path / "fifo")  # a hint is a file anyone with the cache folder can edit: odd entries never hang
-    odd = [str(tmp_path / "gone.pyc"), str(tmp_path / "gone" / "x.py"), str(tmp_path / "fifo"), "/dev/zero"]
-    for threads in (1, 3, import_hint.PARALLEL):  # 3: the 50 files dealt unevenly
-        advised, listed = [], []
-        monkeypatch.setattr(os, "posix_fadvise", lambda fd, *args: advised.append(os.readlink(f"/proc/self/fd/{fd}")))
-        monkeypatch.setattr(os, "listdir", lambda folder: listed.append(folder))
-        import_hint.prefetch([*files[:50], *odd], threads)
-        assert sorted(advised) == sorted(map(os.path.realpath, files[:50]))  # each regular file once: not the FIFO, not a device
-        assert sorted(listed) == sorted({os.path.dirname(f) for f in [*files[:50], *odd]})  # each folder once
 
 
-@pytest.mark.parametrize("threads", [1, 3])
-def test_a_process_that_exits_does_not_wait_for_its_read_ahead(threads):
-    """A conversion that fails or is interrupted while its hint is still being read ahead exits
-    at once (the read-ahead's threads are abandoned, not joined). Here every folder listing hangs."""
-    script = (
-        "import os, threading, time\n"
-        "from moeconv import import_hint\n"
-        "listing = threading.Event()\n"
-        "os.listdir = lambda folder: (listing.set(), time.sleep(600))\n"
-        f"import_hint.read_ahead(['/a/x.py', '/b/y.py', '/c/z.py'], {threads})\n"
-        "assert listing.wait(60)\n"
-        "print('exiting')\n"
-    )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and done.stdout == "exiting\n", done.stderr
 
 
-def test_the_hint_records_files_read_without_being_imported(tmp_path):
-    """Such as transformers' scan of every model's source; in a fresh process (the audit hook stays)."""
-    read, later = tmp_path / "read.txt", tmp_path / "later.txt"
-    read.write_text("x")
-    later.write_text("y")
-    script = (
-        "from moeconv.import_hint import OpenedFiles\n"
-        "opened = OpenedFiles()\n"
-        f"open({str(read)!r}).read()\n"
-        "opened.recording = False\n"
-        f"open({str(later)!r}).read()\n"
-        "print(sorted(opened.files))"
-    )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == repr([str(read)])
 
 
-def test_the_import_hint_can_be_turned_off(monkeypatch, tmp_path):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setenv("MOECONV_IMPORT_HINT", "0")
-    for name in (report_process.HINT, import_hint.TORCH):
-        assert import_hint.hint_path(name) is None
-        import_hint.write(name, ["/x"])
-        assert import_hint.read(name) == [] and not (tmp_path / "moeconv").exists()
-    monkeypatch.delenv("MOECONV_IMPORT_HINT")
-    import_hint.write(report_process.HINT, ["/a", "/b"])
-    assert import_hint.read(report_process.HINT) == ["/a", "/b"] and import_hint.read(import_hint.TORCH) == []
 
 
-def test_the_report_process_module_imports_neither_torch_nor_transformers():
-    """convert forks the child before importing torch: that only pays if this module does not."""
-    code = "import sys, moeconv.report_process, moeconv.cli; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "[]"
 
 
 # --- rendering and json ---------------------------------------------------------------------------

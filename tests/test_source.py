@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 
 import safetensors_bytes as sb
 from moeconv.errors import CheckpointError
-from moeconv.source import HEADER_CAP, Checkpoint, read_header
+from moeconv.format import HEADER_CAP
+from moeconv.source import Checkpoint, read_header
 
 
 def f32(*values: float) -> bytes:

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from moeconv.cli import app
-from moeconv.execute import REPORT_NAME
+from moeconv.output import REPORT_NAME
 from moeconv.verify import sample_rows, verify
 
 
@@ -198,7 +198,8 @@ def test_experts_bigger_than_a_chunk_are_written_and_verified_in_parts(out, shar
     """With a chunk smaller than one fused expert, each expert is produced as slices of its rows
     (never whole); the bytes equal the one-chunk-per-expert output, and verify in such slices still
     names the expert (axis-0 row) of a flipped byte."""
-    from moeconv.execute import _chunks, execute
+    from moeconv.execute import execute
+    from moeconv.stream import chunks
     from moeconv.plan import build_plan
     from moeconv.recipe import load_preset
     from moeconv.source import Checkpoint
@@ -207,7 +208,7 @@ def test_experts_bigger_than_a_chunk_are_written_and_verified_in_parts(out, shar
     gate_up = next(t for t in plan.tensors.values() if t.key.endswith("layers.0.mlp.experts.gate_up_proj"))
     expert_bytes = gate_up.nbytes // gate_up.shape[0]
     budget = expert_bytes // 3
-    chunks = list(_chunks(gate_up, budget))
+    chunks = list(chunks(gate_up, budget))
     assert all(c.inner is not None and c.stop == c.start + 1 for c in chunks)
     assert [c.start for c in chunks] == sorted(c.start for c in chunks) and len(chunks) > gate_up.shape[0]
     assert max(gate_up.nbytes // gate_up.shape[0] // gate_up.shape[1] * (c.inner[1] - c.inner[0]) for c in chunks) <= budget

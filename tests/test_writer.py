@@ -16,16 +16,8 @@ from moeconv.dtypes import to_safetensors
 from moeconv.errors import InternalError, WriteError
 from moeconv.keys import natural_key
 from moeconv.source import Checkpoint, read_header
-from moeconv.writer import (
-    ShardWriter,
-    TensorSpec,
-    atomic_write_bytes,
-    layout_shard,
-    plan_shards,
-    shard_names,
-    split_shards,
-    write_index,
-)
+from moeconv.format import TensorSpec, layout_shard, plan_shards, shard_names, split_shards
+from moeconv.writer import ShardWriter, atomic_write_bytes, write_index
 
 
 def spec_of(key: str, tensor: torch.Tensor) -> TensorSpec:

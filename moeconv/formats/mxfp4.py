@@ -1,4 +1,6 @@
-"""MXFP4 (gpt-oss) dequantization: U8 blocks [..., G, 16] + U8 scales [..., G] -> [..., G*32].
+"""MXFP4 (gpt-oss): the `dequantize-mxfp4` op and the format's description.
+
+Dequantization: U8 blocks [..., G, 16] + U8 scales [..., G] -> [..., G*32].
 
 Bit-exact with transformers' `_convert_moe_packed_tensors` (before its final transpose): element
 2j of a 16-byte block is FP4 code `byte_j & 0xF`, element 2j+1 is `byte_j >> 4`, and every value is
@@ -6,7 +8,7 @@ Bit-exact with transformers' `_convert_moe_packed_tensors` (before its final tra
 0 * 2**128 = +-0 and gives +-inf for |value| >= 2**128; see DESIGN.md). The output stays in the
 source row orientation ([E, 2I, H/32, 16] -> [E, 2I, H]); the planner chains `transpose`.
 
-How it is fast and exact (~30x transformers on one core; `python benchmarks/run.py --quick`):
+How it is fast and exact (~30x transformers on one core):
 - One table holds, for every (scale, byte) pair, the byte's two output elements already scaled
   and rounded, computed once in fp64 (exact) and rounded once to the output dtype: 65536 entries
   of two bf16/fp16 (256 KiB, fits L2) or two fp32. Subnormals, signed zeros and +-inf come out of
@@ -14,15 +16,18 @@ How it is fast and exact (~30x transformers on one core; `python benchmarks/run.
 - Per group: the index is `byte | scale << 8` (an int32 copy and a broadcast add over 16 bytes),
   then one gather writes the 32 elements straight into the output. An earlier design gathered 4
   unscaled values per two bytes and multiplied by 2**(s-127): the bf16 multiply alone cost more
-  than this whole kernel (0.93e9 -> 1.06e9 output elements/s per core: benchmarks/RESULTS.md).
+  than this whole kernel.
 - Work proceeds in cache-sized chunks of groups with reused index buffers.
 - fp16 values that overflow (|value| >= 65536) raise OpError instead of becoming inf.
 """
 
+import re
+
 import torch
 
-from moeconv import buffers, dtypes
+from moeconv import dtypes, ops
 from moeconv.errors import OpError
+from moeconv.formats import Format, register_format
 
 # E2M1 code -> value (index = 4-bit code; bit 3 is the sign).
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -55,10 +60,8 @@ def _pair_table(dtype: torch.dtype) -> torch.Tensor:
 
 
 def _check_inputs(blocks: torch.Tensor, scales: torch.Tensor) -> None:
-    """The op's own shape rule (ops.py) checks dtypes and shapes."""
-    from moeconv import ops
-
-    ops.infer("dequantize-mxfp4", [(dtypes.to_safetensors(t.dtype), tuple(t.shape)) for t in (blocks, scales)], {})
+    """The op's own shape rule checks dtypes and shapes."""
+    _shape([(dtypes.to_safetensors(t.dtype), tuple(t.shape)) for t in (blocks, scales)], dtype="BF16")
 
 
 def _chunk(blocks: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, index: torch.Tensor, shifted: torch.Tensor) -> None:
@@ -93,8 +96,7 @@ def dequantize(
 ) -> torch.Tensor:
     """MXFP4 blocks [..., G, 16] + scales [..., G] -> [..., G*32] in dtype (bf16, fp16 or fp32).
 
-    `out`: optional contiguous tensor of that shape and dtype to write into (e.g. a reused buffer:
-    first-touch page faults of a fresh 1 GB output cost about as much as the kernel itself).
+    `out`: optional contiguous tensor of that shape and dtype to write into.
     """
     _check_inputs(blocks, scales)
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -107,7 +109,7 @@ def dequantize(
     total = flat_blocks.shape[0]
     shape = (*lead, groups * 32)
     if out is None:
-        out = buffers.empty((total, 32), dtype)  # [N, 32]
+        out = torch.empty((total, 32), dtype=dtype)  # [N, 32]
     elif tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous():
         raise OpError(f"dequantize-mxfp4: out must be a contiguous {dtype} tensor of shape {list(shape)}")
     out = out.view(total, 32)
@@ -115,8 +117,8 @@ def dequantize(
         return out.view(*lead, groups * 32)
     check_overflow = dtype == torch.float16 and int(flat_scales.max()) >= _FP16_OVERFLOW_SCALE
     chunk = min(_CHUNK_GROUPS, total)
-    index = buffers.empty((chunk, 16), torch.int32)
-    shifted = buffers.empty((chunk, 1), torch.int32)
+    index = torch.empty((chunk, 16), dtype=torch.int32)
+    shifted = torch.empty((chunk, 1), dtype=torch.int32)
     for g0 in range(0, total, chunk):
         g1 = min(g0 + chunk, total)
         _chunk(flat_blocks[g0:g1], flat_scales[g0:g1], out[g0:g1], index, shifted)
@@ -132,3 +134,76 @@ def _raise_overflow(scales: torch.Tensor, out: torch.Tensor, g0: int, g1: int) -
         f"dequantize-mxfp4: values overflow fp16 (|value| >= 65536, first in scale group {group}: "
         f"scale byte {scale} = 2^{scale - 127}); use dtype bf16 or fp32"
     )
+
+
+# ---- the op ---------------------------------------------------------------------------------------
+
+
+def _shape(specs: list[ops.Spec], *, dtype: str) -> list[ops.Spec]:
+    (blocks_dtype, blocks), (scales_dtype, scales) = specs
+    if blocks_dtype != "U8" or scales_dtype != "U8":
+        raise OpError(f"dequantize-mxfp4: blocks and scales must be U8, got {blocks_dtype} and {scales_dtype}")
+    if len(blocks) < 2 or blocks[-1] != 16:
+        raise OpError(f"dequantize-mxfp4: blocks must be [..., G, 16], got {list(blocks)}")
+    if blocks[:-1] != scales:
+        raise OpError(f"dequantize-mxfp4: scales {list(scales)} must equal blocks' shape without the last dim {list(blocks[:-1])}")
+    return [(dtype, blocks[:-2] + (blocks[-2] * 32,))]
+
+
+def _rows(params: dict, specs: list[ops.Spec], index: int) -> ops.RowMap:
+    # blocks [G, 16]: axis 0 is the group axis, and the output's axis 0 is 32x longer: computed whole
+    return ops.SAME_ROWS if len(specs[0][1]) > 2 else None
+
+
+@ops.register("dequantize-mxfp4", shape=_shape, rows=_rows, n_inputs=2)
+def dequantize_op(blocks: torch.Tensor, scales: torch.Tensor, *, dtype: ops.Dtype = "bf16") -> torch.Tensor:
+    """MXFP4 U8 blocks [.., G, 16] + U8 scales [.., G] -> [.., G*32] (source row orientation), bit-exact."""
+    return dequantize(blocks, scales, dtype=dtypes.to_torch(dtype))
+
+
+# ---- the format: transformers' quantized gpt-oss experts, for the load report --------------------
+
+# transformers holds the packed bytes as one U8 param [..., K/2] and serializes it under the names in
+# `Mxfp4HfQuantizer.serialized_names`; how [..., K/2] splits into those is this table (suffix -> shape).
+_SERIALIZED_SHAPES = {
+    "_blocks": lambda packed: (*packed[:-1], packed[-1] // 16, 16),  # [E, R, K/32, 16]
+    "_scales": lambda packed: (*packed[:-1], packed[-1] // 16),  # [E, R, K/32]
+}
+
+
+def consumer_layout(model, quantization_config: dict) -> None:
+    """transformers' `replace_with_mxfp4_linear` without its kernel download, then the packed params
+    renamed and reshaped to the serialized tensors (blocks + scales)."""
+    from transformers.integrations.mxfp4 import Mxfp4GptOssExperts, Mxfp4GptOssMLP
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+    from transformers.quantizers.quantizer_mxfp4 import Mxfp4HfQuantizer
+    from transformers.quantizers.quantizers_utils import should_convert_module
+    from transformers.utils.quantization_config import Mxfp4Config
+
+    quantizer = Mxfp4HfQuantizer(Mxfp4Config.from_dict(dict(quantization_config)), pre_quantized=True)
+    skip = quantizer.get_modules_to_not_convert(
+        model, quantizer.quantization_config.modules_to_not_convert, model._keep_in_fp32_modules
+    )
+    for name, module in list(model.named_modules()):
+        if not (isinstance(module, GptOssMLP) and should_convert_module(f"{name}.experts", skip)):
+            continue
+        with torch.device("meta"):
+            experts = Mxfp4GptOssExperts(model.config)
+            for param, serialized in Mxfp4HfQuantizer.serialized_names.items():
+                packed = tuple(experts._parameters.pop(param).shape)  # [E, 2I, H/2] or [E, H, I/2], U8
+                for key in serialized:
+                    shape = _SERIALIZED_SHAPES[key.removeprefix(param)](packed)
+                    experts.register_parameter(
+                        key, torch.nn.Parameter(torch.empty(shape, dtype=torch.uint8), requires_grad=False)
+                    )
+            model.set_submodule(name, Mxfp4GptOssMLP(module.router, experts))
+
+
+FORMAT = register_format(
+    Format(
+        quant_method="mxfp4",
+        keys=re.compile(r".+_(blocks|scales)"),
+        dtypes=frozenset({"U8"}),
+        consumer_layout=consumer_layout,
+    )
+)

@@ -1,0 +1,51 @@
+"""Quantization formats: one module each, which registers its ops (moeconv.ops) and describes the
+format here, so the planner can rewrite config.json and the load report can build transformers'
+quantized model without naming any format.
+
+Adding a format = a module in this folder (imported at the bottom of this file) + a preset TOML +
+tests.
+"""
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Format:
+    """How config.json names a quantization format and which output tensors still carry it."""
+
+    quant_method: str  # config.json quantization_config.quant_method
+    keys: re.Pattern  # output keys that hold quantized data (or its scales) in this format
+    dtypes: frozenset[str]  # their safetensors dtypes
+    # Puts transformers' quantized modules on a model built on the meta device (the load report);
+    # None: the load report does not check checkpoints that stay in this format.
+    consumer_layout: Callable[[Any, dict], None] | None = None
+
+    def holds(self, key: str, dtype: str) -> bool:
+        """Does an output tensor of this key and dtype still carry this format?"""
+        return dtype in self.dtypes and self.keys.fullmatch(key) is not None
+
+
+FORMATS: dict[str, Format] = {}
+
+
+def register_format(fmt: Format) -> Format:
+    FORMATS[fmt.quant_method] = fmt
+    return fmt
+
+
+def output_quantization(config: dict, tensors: list[tuple[str, str]]) -> dict | None:
+    """The output's quantization_config: the source's while some (key, dtype) still carries its
+    format (or the format is unknown), None once nothing does."""
+    quantization = config.get("quantization_config")
+    if not isinstance(quantization, dict):
+        return quantization
+    fmt = FORMATS.get(quantization.get("quant_method"))
+    if fmt is None or any(fmt.holds(key, dtype) for key, dtype in tensors):
+        return quantization
+    return None
+
+
+from moeconv.formats import mxfp4  # noqa: E402, F401  (registers its ops and format)

@@ -1,0 +1,247 @@
+"""The output folder's life: refusing the wrong folder, staging, the journal, --resume, --overwrite,
+and the final renames.
+
+Finished shards wait under hidden staged names (`.model-00001-of-00003.safetensors.staged`),
+recorded in a journal (`.moeconv-progress.json`: name, size, checksum, and a fingerprint of the
+plan) until every shard is done; only then do they all get their final names, then the index,
+config, small files and the report. So a failed or interrupted run never leaves a final-named
+shard, and `--resume` keeps what was finished (shards whose bytes still hash to the journal).
+
+The shards are fsynced together at the end, not each as it finishes, and the journal never: on
+this kind of virtual disk every fsync flushed the disk's cache for 0.3-1.4 s with nothing else
+moving. A process that dies keeps them all (the page cache outlives it); after a machine crash,
+--resume re-hashes every shard the journal lists and redoes any that did not survive whole.
+"""
+
+import glob
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from moeconv.checksum import DEFAULT as DEFAULT_CHECKSUM
+from moeconv.checksum import file_checksum
+from moeconv.errors import MoeconvError, WriteError
+from moeconv.format import INDEX_NAME
+from moeconv.plan import Plan
+from moeconv.writer import atomic_write_bytes, fsync_dir, fsync_file, write_index
+
+REPORT_NAME = "moeconv-report.json"
+JOURNAL_NAME = ".moeconv-progress.json"  # an unfinished run: its finished shards, for --resume
+
+
+def staged_name(name: str) -> str:
+    """Where a finished shard waits until every shard is done: hidden, and no loader's `*.safetensors`."""
+    return f".{name}.staged"
+
+
+def plan_fingerprint(plan: Plan, checksum: str = DEFAULT_CHECKSUM) -> str:
+    """What a journal must match for --resume: every output tensor and shard layout, the recipes'
+    TOML, the options (with the checksum algorithm), and the source's header layout (its data is
+    not re-read)."""
+    basis = {
+        "tensors": plan.tensors_json(),
+        "shards": plan.shards_json(),
+        "recipes": [r.text for r in plan.recipes],
+        "options": {**{k: v for k, v in plan.rebuild().items() if k != "recipes"}, "checksum": checksum},
+        "source": [[k, i.dtype, list(i.shape), i.file.name, i.begin, i.end] for k, i in plan.source.tensors.items()],
+    }
+    return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()
+
+
+def _leftovers(out: Path) -> list[Path]:
+    """Temp files of unfinished writes and staged shards of an unfinished run."""
+    return [*out.glob(".*.tmp"), *out.glob(".*.staged")]
+
+
+class Output:
+    """One conversion's output folder.
+
+        output = Output(out_dir, plan, overwrite=..., resume=..., checksum=...)
+        kept = output.open()                       # {shard name: {"size", "checksum"}} kept by --resume
+        writes each other shard to output.staged(layout.name), then output.record(name, manifest)
+        report = output.finalize()                 # or output.abandon(error) on failure
+    """
+
+    def __init__(self, out_dir: str | Path, plan: Plan, *, overwrite: bool = False, resume: bool = False, checksum: str = DEFAULT_CHECKSUM):
+        self.dir = Path(out_dir)
+        self.plan = plan
+        self.overwrite, self.resume, self.checksum = overwrite, resume, checksum
+        self.fingerprint = plan_fingerprint(plan, checksum)
+        self.finished: dict[str, dict] = {}
+
+    def open(self) -> dict[str, dict]:
+        """Make the folder ready (refusals, --overwrite, --resume) and start the journal."""
+        self.finished = _prepare(self.dir, self.plan.source.root, self.overwrite, resume=self.resume, fingerprint=self.fingerprint, checksum=self.checksum)
+        try:
+            self._write_journal()
+        except BaseException as error:
+            self.abandon(error)
+            raise
+        return dict(self.finished)
+
+    def staged(self, name: str) -> Path:
+        return self.dir / staged_name(name)
+
+    def record(self, name: str, manifest: dict) -> None:
+        """A shard is written (manifest: {"size", "checksum"}): journal it."""
+        self.finished[name] = {"size": manifest["size"], "checksum": manifest["checksum"]}
+        self._write_journal()
+
+    def _write_journal(self) -> None:
+        data = {"fingerprint": self.fingerprint, "algorithm": self.checksum, "shards": self.finished}
+        atomic_write_bytes(self.dir / JOURNAL_NAME, (json.dumps(data, indent=2) + "\n").encode(), sync=False)
+
+    def finalize(self, extra: dict | None = None) -> dict:
+        """Every shard written: fsync them, give them their final names, then write the index,
+        config, small files and the report (waiting for the load report if it is still being
+        computed; `extra`: more report fields). Returns the report."""
+        plan, out = self.plan, self.dir
+        renamed: list[str] = []
+        try:
+            for layout in plan.shards:  # durable before any of them gets its final name
+                fsync_file(self.staged(layout.name))
+            for layout in plan.shards:
+                os.replace(self.staged(layout.name), out / layout.name)
+                renamed.append(layout.name)
+            fsync_dir(out)
+            written: list[Path] = []
+            index = write_index(out, plan.shards)
+            if index is not None:
+                written.append(index)
+            for name in plan.companion_files:
+                target = out / name
+                atomic_write_bytes(target, (plan.source.root / name).read_bytes())
+                written.append(target)
+            if plan.config is not None:
+                target = out / "config.json"
+                atomic_write_bytes(target, (json.dumps(plan.config, indent=2) + "\n").encode())
+                written.append(target)
+            hashes = {layout.name: self.finished[layout.name]["checksum"] for layout in plan.shards}  # hashed while written
+            hashes.update({p.name: file_checksum(p, self.checksum) for p in written})
+            report = {**plan.to_json(), "rebuild": plan.rebuild(), "checksums": {"algorithm": self.checksum, "files": hashes}}
+            report.update(extra or {})
+            atomic_write_bytes(out / REPORT_NAME, (json.dumps(report, indent=2) + "\n").encode())
+        except BaseException as error:
+            (out / INDEX_NAME).unlink(missing_ok=True)
+            for name in renamed:  # back out of sight: the journal still lists them for --resume
+                os.replace(out / name, self.staged(name))
+            self.abandon(error)
+            raise
+        (out / JOURNAL_NAME).unlink(missing_ok=True)
+        return report
+
+    def abandon(self, error: BaseException) -> None:
+        """After a failure: with no finished shard there is nothing to resume, so the journal goes
+        too; otherwise say how to continue. The unfinished shard's temp file is gone already, except
+        when Ctrl-C lands as a temp file is created, before any code owns it: any temp file of this
+        run is removed here."""
+        ours = [staged_name(layout.name) for layout in self.plan.shards] + [JOURNAL_NAME, INDEX_NAME, "config.json", REPORT_NAME]
+        for name in ours + list(self.plan.companion_files):
+            for temp in self.dir.glob(f".{glob.escape(name)}.*.tmp"):
+                temp.unlink(missing_ok=True)
+        if not self.finished:
+            (self.dir / JOURNAL_NAME).unlink(missing_ok=True)
+        elif isinstance(error, MoeconvError):
+            error.args = (f"{error}; {len(self.finished)} finished shard(s) kept out of sight in {self.dir}: rerun with --resume to continue",)
+
+
+def _prepare(
+    out_dir: Path,
+    source_root: Path,
+    overwrite: bool,
+    *,
+    resume: bool = False,
+    fingerprint: str | None = None,
+    checksum: str = DEFAULT_CHECKSUM,
+) -> dict[str, dict]:
+    """Refuse an output folder that is the source, inside it, or not empty (unless overwrite or resume).
+
+    Returns the kept shards. With `overwrite`, the old report and index are deleted first (so a
+    half-replaced folder never looks complete), then the old shards and leftovers.
+
+    With `resume` and a progress journal there, the shards it lists are kept when their bytes still
+    hash to what it recorded: {shard name: {"size", "checksum"}} of the kept ones. A journal
+    written with another `checksum` algorithm is refused (started over with `overwrite`).
+    """
+    out = out_dir.resolve()
+    src = source_root.resolve()
+    if out == src or src in out.parents:
+        raise WriteError(f"{out_dir}: output folder is the source folder or inside it; choose another folder")
+    if out.exists() and not out.is_dir():
+        raise WriteError(f"{out_dir}: exists and is not a folder")
+    journal = out / JOURNAL_NAME
+    if out.exists() and any(out.iterdir()):
+        if resume and journal.is_file():
+            kept = _resume(out_dir, fingerprint, overwrite, checksum)
+            if kept is not None:
+                return kept
+        elif not overwrite:
+            if journal.is_file():
+                raise WriteError(
+                    f"{out_dir}: holds an unfinished conversion ({JOURNAL_NAME}); pass --resume to continue it"
+                    " (same source, recipes and options) or --overwrite to start over"
+                )
+            if resume:
+                raise WriteError(f"{out_dir}: nothing to resume (no {JOURNAL_NAME}); pass --overwrite to replace its contents")
+            raise WriteError(f"{out_dir}: output folder is not empty; pass --overwrite to replace its contents")
+        try:
+            for path in [out / REPORT_NAME, out / INDEX_NAME, journal, *out.glob("*.safetensors"), *_leftovers(out)]:
+                path.unlink(missing_ok=True)
+        except OSError as error:
+            raise WriteError(f"{error.filename}: cannot delete this file of the replaced output: {error.strerror or error}") from None
+        return {}
+    out.mkdir(parents=True, exist_ok=True)
+    return {}
+
+
+def _resume(out_dir: Path, fingerprint: str | None, overwrite: bool, checksum: str) -> dict[str, dict] | None:
+    """Check the journal against the plan and checksum algorithm; keep each journaled shard whose
+    file still hashes right, delete everything else an unfinished run left. None: start over
+    (--overwrite, journal unusable)."""
+    out = out_dir.resolve()
+    try:
+        journal = json.loads((out / JOURNAL_NAME).read_text(encoding="utf-8"))
+        shards = journal["shards"]
+        assert isinstance(shards, dict)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        if overwrite:
+            return None
+        raise WriteError(f"{out_dir}: {JOURNAL_NAME} is unreadable; pass --overwrite to start over") from None
+    recorded = journal.get("algorithm")
+    if recorded != checksum:  # its hashes cannot vouch for the shards under another algorithm
+        if overwrite:
+            return None
+        if not isinstance(recorded, str):
+            raise WriteError(f"{out_dir}: {JOURNAL_NAME} records no checksum algorithm (another moeconv version); pass --overwrite to start over")
+        raise WriteError(
+            f"{out_dir}: the unfinished conversion there checksummed its shards with {recorded}, not {checksum};"
+            f" rerun with --checksum {recorded} to resume it, or pass --overwrite to start over"
+        )
+    if journal.get("fingerprint") != fingerprint:
+        if overwrite:
+            return None
+        raise WriteError(
+            f"{out_dir}: the unfinished conversion there was planned from another source, recipes or options;"
+            " rerun with the same ones, or pass --overwrite to start over"
+        )
+    for name in (REPORT_NAME, INDEX_NAME):  # a run killed while renaming its shards into place
+        (out / name).unlink(missing_ok=True)
+    for path in out.glob(".*.tmp"):
+        path.unlink()
+    kept: dict[str, dict] = {}
+    for name, entry in shards.items():
+        if not isinstance(name, str) or Path(name).name != name or not isinstance(entry, dict):
+            continue
+        staged, final = out / staged_name(name), out / name
+        found = staged if staged.is_file() else final if final.is_file() else None
+        if found is not None and found.stat().st_size == entry.get("size") and file_checksum(found, checksum) == entry.get("checksum"):
+            if found == final:
+                os.replace(final, staged)
+            kept[name] = {"size": entry["size"], "checksum": entry["checksum"]}
+    for path in out.glob(".*.staged"):
+        if path.name.removeprefix(".").removesuffix(".staged") not in kept:
+            path.unlink()
+    for path in out.glob("*.safetensors"):
+        path.unlink()
+    return kept
