@@ -187,7 +187,7 @@ def convert_command(
         try:
             report = execute(plan, out, overwrite=overwrite, progress=progress, low_disk=low_disk, resume=resume, checksum=checksum.value)
         except MoeconvError:
-            plan.report  # noqa: B018  (the report's thread builds a model with torch's global default dtype: not past the command)
+            plan.report  # noqa: B018  (its thread changes torch's default dtype: it must not outlive the command)
             raise
     if json_output:
         stdout.print_json(data=report)

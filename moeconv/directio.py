@@ -19,6 +19,8 @@ import mmap
 import os
 from typing import TYPE_CHECKING
 
+from moeconv import arena
+
 if TYPE_CHECKING:
     import torch
 
@@ -48,11 +50,6 @@ def set_direct(fd: int, on: bool) -> bool:
     return on
 
 
-def aligned_buffer(nbytes: int) -> memoryview:
-    """`nbytes` of fresh, page-aligned, writable memory (an anonymous map), as bytes."""
-    return memoryview(mmap.mmap(-1, max(nbytes, 1)))[:nbytes]
-
-
 class Reader:
     """Reads byte ranges of one file: ranges of DIRECT_BYTES or more with O_DIRECT into page-aligned
     memory, smaller ones (and all of them where the filesystem refuses O_DIRECT) through the page
@@ -70,13 +67,13 @@ class Reader:
                     raise
 
     def read(self, offset: int, nbytes: int) -> memoryview:
-        """Bytes offset:offset+nbytes in fresh memory (page-aligned when read direct)."""
+        """Bytes offset:offset+nbytes in chunk memory (moeconv.arena; page-aligned when read direct)."""
         if nbytes >= DIRECT_BYTES and self.direct_fd is not None:
             start = offset - offset % ALIGN  # whole blocks around the range
-            window = aligned_buffer(round_up(offset + nbytes - start))
+            window = arena.aligned(round_up(offset + nbytes - start))
             if self._fill_direct(window, start, offset + nbytes - start):
                 return window[offset - start : offset - start + nbytes]
-        view = aligned_buffer(nbytes) if nbytes >= DIRECT_BYTES else memoryview(bytearray(nbytes))
+        view = arena.aligned(nbytes) if nbytes >= DIRECT_BYTES else memoryview(bytearray(nbytes))
         self.read_into(view, offset)
         return view
 

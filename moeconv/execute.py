@@ -3,7 +3,8 @@
 Nothing is decided here that the plan did not decide. Reading, computing and writing overlap:
 compute threads (one per core, at most 4; MOECONV_THREADS to choose) produce chunks a few ahead
 (moeconv.stream), handed in write order to a writer thread; preads, torch kernels and file writes
-all release the GIL. Memory stays bounded by the chunks in flight. The output folder's life
+all release the GIL. Each chunk is made in one arena of a fixed ring (moeconv.arena), reused only
+once that chunk is written, so memory is the ring, whatever the model. The output folder's life
 (staging, journal, resume, final renames) is moeconv.output's.
 """
 
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from moeconv import arena
 from moeconv.checksum import DEFAULT as DEFAULT_CHECKSUM
 from moeconv.checksum import new_hasher
 from moeconv.errors import MoeconvError, WriteError
@@ -26,6 +28,7 @@ from moeconv.stream import CHUNK_BYTES, chunk_nbytes, chunks, produce
 from moeconv.writer import ShardWriter
 
 AHEAD_CHUNKS = 4  # bytes computed ahead of the writer, in chunks
+ARENA_CHUNKS = 3  # an arena holds a chunk's reads, intermediates and output: ~2.5 chunks for gpt-oss
 _DONE = object()
 
 Progress = Callable[[str, int], None]  # (shard name, bytes just written)
@@ -52,17 +55,30 @@ def _one_torch_thread() -> None:
 class ComputePool:
     """Computes chunks on several threads and hands them back in order. At most `threads` + 1
     chunks are submitted and not yet handed out, and together at most `budget` bytes unless one
-    chunk alone is bigger (then one at a time)."""
+    chunk alone is bigger (then one at a time).
 
-    def __init__(self, threads: int, budget: int):
+    Chunk memory: job j is made in arena j % len(ring). When job j is submitted, the jobs still
+    alive are the pending ones (at most `threads`), and the two the writer may hold (one being
+    written, one queued: `_BackgroundWriter.put` waits for the writer to take the one before), so
+    a ring of `threads` + 4 arenas never reuses one whose chunk is still to be written."""
+
+    def __init__(self, threads: int, budget: int, arena_bytes: int):
         self.threads, self.budget = threads, budget
+        self.ring = [arena.Arena(arena_bytes) for _ in range(threads + 4)]
+        self.jobs = 0
         self.pool = ThreadPoolExecutor(threads, "moeconv-compute", initializer=_one_torch_thread) if threads > 1 else None
+
+    def _produce(self, slot: arena.Arena, tensor, rows):
+        slot.reset()
+        with arena.lending(slot):
+            return produce(tensor, rows)
 
     def ordered(self, jobs):
         """Yield (tensor, chunk, last) for each (tensor, rows, last) job, in the jobs' order."""
         if self.pool is None:
             for tensor, rows, last in jobs:
-                yield tensor, produce(tensor, rows), last
+                self.jobs += 1
+                yield tensor, self._produce(self.ring[self.jobs % len(self.ring)], tensor, rows), last
             return
         pending: deque = deque()  # (tensor, future, last, bytes), in write order
         try:
@@ -71,7 +87,9 @@ class ComputePool:
                 while pending and (len(pending) > self.threads or sum(p[3] for p in pending) + size > self.budget):
                     done, future, done_last, _ = pending.popleft()
                     yield done, future.result(), done_last
-                pending.append((tensor, self.pool.submit(produce, tensor, rows), last, size))
+                self.jobs += 1
+                slot = self.ring[self.jobs % len(self.ring)]
+                pending.append((tensor, self.pool.submit(self._produce, slot, tensor, rows), last, size))
             while pending:
                 done, future, done_last, _ = pending.popleft()
                 yield done, future.result(), done_last
@@ -228,7 +246,8 @@ def execute(
     threads = _compute_threads()
     output = Output(out_dir, plan, overwrite=overwrite, resume=resume, checksum=checksum)
     kept = output.open()
-    compute = ComputePool(threads, AHEAD_CHUNKS * chunk_bytes)
+    largest = min(chunk_bytes, max((t.nbytes for t in plan.tensors.values()), default=0))
+    compute = ComputePool(threads, AHEAD_CHUNKS * chunk_bytes, ARENA_CHUNKS * largest)
     try:
         for layout in plan.shards:
             if layout.name in kept:  # its bytes were checked against the journal

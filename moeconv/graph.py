@@ -15,7 +15,7 @@ import math
 import threading
 from typing import TYPE_CHECKING
 
-from moeconv import dtypes, ops
+from moeconv import arena, dtypes, ops
 
 if TYPE_CHECKING:
     import torch
@@ -130,7 +130,8 @@ class OpNode(Node):
             return out if (lo, hi) == (start, stop) else out[start - lo : stop - lo]
         with self._lock:  # compute threads asking for different rows share one whole computation
             if self._cache is None:
-                self._cache = self.whole()
+                with arena.lending(None):  # it outlives the chunk that asked first
+                    self._cache = self.whole()
             return self._cache[start:stop]
 
     def rows_within(self, index: int, start: int, stop: int) -> torch.Tensor:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from moeconv import dtypes
+from moeconv import arena, dtypes
 from moeconv.errors import OpError, RecipeError
 
 if TYPE_CHECKING:
@@ -282,7 +282,9 @@ def concat(*xs: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Join tensors along an existing dim (e.g. gate [I, H] + up [I, H] -> [2I, H])."""
     import torch
 
-    return torch.cat(xs, dim=dim)  # contiguous
+    shape = list(xs[0].shape)
+    shape[dim % xs[0].dim()] = sum(x.shape[dim % x.dim()] for x in xs)
+    return torch.cat(xs, dim=dim, out=arena.empty(shape, xs[0].dtype))  # contiguous
 
 
 def _split_shape(specs: list[Spec], *, dim: int, parts: int) -> list[Spec]:
@@ -340,7 +342,9 @@ def stack(*xs: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Stack equal-shaped tensors along a new dim (E experts [2I, H] -> [E, 2I, H])."""
     import torch
 
-    return torch.stack(xs, dim=dim)
+    shape = list(xs[0].shape)
+    shape.insert(dim % (xs[0].dim() + 1), len(xs))
+    return torch.stack(xs, dim=dim, out=arena.empty(shape, xs[0].dtype))
 
 
 def _unstack_shape(specs: list[Spec], *, dim: int) -> list[Spec]:
@@ -394,9 +398,7 @@ def transpose(x: torch.Tensor, *, dim0: int, dim1: int) -> torch.Tensor:
         return x.transpose(d0, d1).contiguous()
     # One strided copy of a [5760, 2880] bf16 matrix runs at ~1.2e8 elem/s here (every read misses
     # cache); copying bands of rows of x's dim a that fit in L2 runs at ~9e8 (tiles measured 16..1920).
-    import torch
-
-    out = torch.empty(x.transpose(a, b).shape, dtype=x.dtype)  # x's shape with dims a and b swapped
+    out = arena.empty(list(x.transpose(a, b).shape), x.dtype)  # x's shape with dims a and b swapped
     band_bytes = x.element_size() * x[(0,) * a].numel() // x.shape[a]  # bytes of one index along dim a
     band = max(16, _TILE_BYTES // max(band_bytes, 1))
     for start in range(0, x.shape[a], band):

@@ -107,8 +107,10 @@ class Plan:
         return {t.key: (t.dtype, t.shape) for t in self.tensors.values()}
 
     def start_report(self) -> None:
-        """Compute the load report on a thread (importing transformers takes seconds) while the
-        caller goes on; `report` then waits for it."""
+        """Compute the load report on a thread while the caller goes on (importing transformers
+        takes seconds); `report` then waits for it. While transformers builds the model it sets
+        torch's process-wide default dtype: code running meanwhile must name its dtypes (moeconv's
+        does). A daemon thread: an interrupted run exits without waiting for it."""
         with self._report_lock:
             if self._report is not None:
                 return
@@ -123,7 +125,6 @@ class Plan:
             except BaseException as error:  # handed to whoever reads `report`
                 future.set_exception(error)
 
-        # A daemon thread: an interrupted run exits at once instead of waiting for transformers.
         threading.Thread(target=compute, name="moeconv-report", daemon=True).start()
 
     @property

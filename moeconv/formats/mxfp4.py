@@ -25,7 +25,7 @@ import re
 
 import torch
 
-from moeconv import dtypes, ops
+from moeconv import arena, dtypes, ops
 from moeconv.errors import OpError
 from moeconv.formats import Format, register_format
 
@@ -109,7 +109,7 @@ def dequantize(
     total = flat_blocks.shape[0]
     shape = (*lead, groups * 32)
     if out is None:
-        out = torch.empty((total, 32), dtype=dtype)  # [N, 32]
+        out = arena.empty((total, 32), dtype)  # [N, 32]
     elif tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous():
         raise OpError(f"dequantize-mxfp4: out must be a contiguous {dtype} tensor of shape {list(shape)}")
     out = out.view(total, 32)
@@ -117,8 +117,8 @@ def dequantize(
         return out.view(*lead, groups * 32)
     check_overflow = dtype == torch.float16 and int(flat_scales.max()) >= _FP16_OVERFLOW_SCALE
     chunk = min(_CHUNK_GROUPS, total)
-    index = torch.empty((chunk, 16), dtype=torch.int32)
-    shifted = torch.empty((chunk, 1), dtype=torch.int32)
+    index = arena.empty((chunk, 16), torch.int32)
+    shifted = arena.empty((chunk, 1), torch.int32)
     for g0 in range(0, total, chunk):
         g1 = min(g0 + chunk, total)
         _chunk(flat_blocks[g0:g1], flat_scales[g0:g1], out[g0:g1], index, shifted)
