@@ -55,7 +55,11 @@ def main() -> int:
     parser.add_argument("--report", choices=["recalled", "computed"], default="recalled")
     parser.add_argument("--data", type=Path, default=bench.REPO / "benchmarks" / "data")
     parser.add_argument("--json", type=Path, help="also write every run here")
-    parser.add_argument("--over-previous", action="store_true", help="convert over the previous run's output (--overwrite deletes it), as a repeated conversion does")
+    parser.add_argument(
+        "--over-previous",
+        action="store_true",
+        help="convert over the previous run's output (--overwrite deletes it), as a repeated conversion does",
+    )
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:cut])
@@ -83,9 +87,13 @@ def main() -> int:
         # PYTHONSAFEPATH: `python -m` would put the working folder first on sys.path, and from a
         # checkout's root that folder's moeconv would run instead of the tree's.
         env = {**bench.moeconv_cache(args.data / "ab-cache" / name), "PYTHONPATH": str(tree), "PYTHONSAFEPATH": "1"}
-        found = subprocess.run([sys.executable, "-c", "import moeconv; print(moeconv.__file__)"], env=env, capture_output=True, text=True)
+        found = subprocess.run(
+            [sys.executable, "-c", "import moeconv; print(moeconv.__file__)"], env=env, capture_output=True, text=True
+        )
         if Path(found.stdout.strip()).parent != tree / "moeconv":
-            raise SystemExit(f"{name}: `import moeconv` finds {found.stdout.strip() or found.stderr.strip()}, not the one in {tree}")
+            raise SystemExit(
+                f"{name}: `import moeconv` finds {found.stdout.strip() or found.stderr.strip()}, not the one in {tree}"
+            )
         envs[name] = env
     expected = None
 
@@ -116,7 +124,11 @@ def main() -> int:
         median = statistics.median(times)
         print(f"{name:>12}: median {median:6.2f} s ({median / first:.3f}x)  runs {' '.join(f'{t:.2f}' for t in times)}")
     if args.json:
-        args.json.write_text(json.dumps({"source": src.name, "preset": preset, "extra": args.extra, "report": args.report, "walls": walls}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {"source": src.name, "preset": preset, "extra": args.extra, "report": args.report, "walls": walls}, indent=2
+            )
+        )
     return 0
 
 

@@ -134,10 +134,16 @@ def _copy_in_turns(rfd: int, wfd: int, request_mib: int) -> None:
 
 PATTERNS = {
     "write": [(f"write, {n} MiB requests", "GB/s", lambda d, n=n: write(d, n)) for n in (16, 64, 128, 256)],
-    "beside": [(f"write beside 0.35 GB/s of reads, {n} MiB requests", "GB/s", lambda d, n=n: write(d, n, True)) for n in (16, 64, 128, 256)],
+    "beside": [
+        (f"write beside 0.35 GB/s of reads, {n} MiB requests", "GB/s", lambda d, n=n: write(d, n, True))
+        for n in (16, 64, 128, 256)
+    ],
     "copy": [
         ("copy 2 GiB as moeconv (32 MiB reads, 16 MiB writes)", "s", lambda d: _timed_copy(d, _copy_as_moeconv)),
-        *[(f"copy 2 GiB in turns of {n} MiB", "s", lambda d, n=n: _timed_copy(d, lambda r, w: _copy_in_turns(r, w, n))) for n in (128, 256)],
+        *[
+            (f"copy 2 GiB in turns of {n} MiB", "s", lambda d, n=n: _timed_copy(d, lambda r, w: _copy_in_turns(r, w, n)))
+            for n in (128, 256)
+        ],
     ],
 }
 

@@ -44,10 +44,30 @@ def _example():
 ex = _example()
 
 GPT_OSS = {  # as in openai/gpt-oss-20b and -120b config.json (vocab and layers overridable)
-    "gpt-oss-20b": dict(layers=24, experts=32, hidden=2880, intermediate=2880, vocab=201088, heads=64, kv_heads=8,
-                        head_dim=64, top_k=4, sliding_window=128),
-    "gpt-oss-120b": dict(layers=36, experts=128, hidden=2880, intermediate=2880, vocab=201088, heads=64, kv_heads=8,
-                         head_dim=64, top_k=4, sliding_window=128),
+    "gpt-oss-20b": dict(
+        layers=24,
+        experts=32,
+        hidden=2880,
+        intermediate=2880,
+        vocab=201088,
+        heads=64,
+        kv_heads=8,
+        head_dim=64,
+        top_k=4,
+        sliding_window=128,
+    ),
+    "gpt-oss-120b": dict(
+        layers=36,
+        experts=128,
+        hidden=2880,
+        intermediate=2880,
+        vocab=201088,
+        heads=64,
+        kv_heads=8,
+        head_dim=64,
+        top_k=4,
+        sliding_window=128,
+    ),
 }
 MIXTRAL = dict(layers=32, experts=8, hidden=4096, intermediate=14336, vocab=32000, heads=32, kv_heads=8, top_k=2)
 CHUNK = 64 * 2**20
@@ -113,13 +133,30 @@ def gpt_oss(out: Path, width: str, layers: int, vocab: int) -> int:
 def mixtral_config(d: dict) -> dict:
     """config.json as mistralai/Mixtral-8x7B-v0.1 has it (layers and vocab from `d`)."""
     return {
-        "architectures": ["MixtralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
-        "hidden_act": "silu", "hidden_size": d["hidden"], "initializer_range": 0.02,
-        "intermediate_size": d["intermediate"], "max_position_embeddings": 32768, "model_type": "mixtral",
-        "num_attention_heads": d["heads"], "num_experts_per_tok": d["top_k"], "num_hidden_layers": d["layers"],
-        "num_key_value_heads": d["kv_heads"], "num_local_experts": d["experts"], "output_router_logits": False,
-        "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.02, "sliding_window": None,
-        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": d["vocab"],
+        "architectures": ["MixtralForCausalLM"],
+        "attention_dropout": 0.0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "hidden_act": "silu",
+        "hidden_size": d["hidden"],
+        "initializer_range": 0.02,
+        "intermediate_size": d["intermediate"],
+        "max_position_embeddings": 32768,
+        "model_type": "mixtral",
+        "num_attention_heads": d["heads"],
+        "num_experts_per_tok": d["top_k"],
+        "num_hidden_layers": d["layers"],
+        "num_key_value_heads": d["kv_heads"],
+        "num_local_experts": d["experts"],
+        "output_router_logits": False,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 1000000.0,
+        "router_aux_loss_coef": 0.02,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "vocab_size": d["vocab"],
     }
 
 
@@ -129,12 +166,17 @@ def mixtral(out: Path, layers: int, vocab: int) -> int:
     shapes = {"model.embed_tokens.weight": (vocab, h)}
     for layer in range(layers):
         p = f"model.layers.{layer}."
-        shapes.update({
-            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-            p + "block_sparse_moe.gate.weight": (e, h),
-        })
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (q, h),
+                p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.v_proj.weight": (kv, h),
+                p + "self_attn.o_proj.weight": (h, q),
+                p + "block_sparse_moe.gate.weight": (e, h),
+            }
+        )
         for m in range(e):
             x = f"{p}block_sparse_moe.experts.{m}."
             shapes.update({x + "w1.weight": (i, h), x + "w3.weight": (i, h), x + "w2.weight": (h, i)})

@@ -119,7 +119,9 @@ def run(cmd: list[str], label: str, env: dict | None = None) -> dict:
         raise SystemExit(f"{label} failed ({status}):\n{err[-3000:]}")
     cpu = usage.ru_utime + usage.ru_stime
     result = {"label": label, "wall": wall, "cpu": cpu, "util": cpu / wall, "rss_gb": usage.ru_maxrss * 1024 / 1e9, "cold": cold}
-    print(f"  {label:<42} {wall:7.2f} s  cpu {cpu:6.1f} s  util {cpu / wall:4.2f}  peak RSS {result['rss_gb']:6.2f} GB", flush=True)
+    print(
+        f"  {label:<42} {wall:7.2f} s  cpu {cpu:6.1f} s  util {cpu / wall:4.2f}  peak RSS {result['rss_gb']:6.2f} GB", flush=True
+    )
     return result
 
 
@@ -220,7 +222,12 @@ def compare(src: Path, data: Path, preset: str, kind: str, title: str) -> dict:
         for how, runs in floors.items():
             if how == "buffered" and round_ >= 2:
                 continue  # 20-30 s a run here, and never the floor
-            runs.append(run(io_floor(src, out_bytes, out, how), f"I/O floor, {how} (read {size_of(src) / 1e9:.2f} GB, write {out_bytes / 1e9:.2f} GB)"))
+            runs.append(
+                run(
+                    io_floor(src, out_bytes, out, how),
+                    f"I/O floor, {how} (read {size_of(src) / 1e9:.2f} GB, write {out_bytes / 1e9:.2f} GB)",
+                )
+            )
             shutil.rmtree(out)
     sha = run(moeconv(src, out, preset) + ["--checksum", "sha256"], "moeconv --checksum sha256 (recalled)", env)
     shutil.rmtree(out)
@@ -229,17 +236,32 @@ def compare(src: Path, data: Path, preset: str, kind: str, title: str) -> dict:
     floor_medians = {how: statistics.median(r["wall"] for r in runs) for how, runs in floors.items()}
     floor_wall = min(floor_medians.values())
     rss = max(r["rss_gb"] for r in ours + computed)
-    result = {"input_bytes": size_of(src), "output_bytes": out_bytes, "moeconv": ours, "moeconv_report_computed": computed,
-              "moeconv_sha256": sha, "floor": floors, "floor_medians": floor_medians, "transformers": theirs,
-              "floor_vs_transformers": theirs["wall"] / floor_wall}
-    print(f"  I/O floor: median {floor_wall:.2f} s (buffered {floor_medians['buffered']:.2f} s, direct "
-          f"{floor_medians['direct']:.2f} s), itself {result['floor_vs_transformers']:.1f}x faster than transformers")
+    result = {
+        "input_bytes": size_of(src),
+        "output_bytes": out_bytes,
+        "moeconv": ours,
+        "moeconv_report_computed": computed,
+        "moeconv_sha256": sha,
+        "floor": floors,
+        "floor_medians": floor_medians,
+        "transformers": theirs,
+        "floor_vs_transformers": theirs["wall"] / floor_wall,
+    }
+    print(
+        f"  I/O floor: median {floor_wall:.2f} s (buffered {floor_medians['buffered']:.2f} s, direct "
+        f"{floor_medians['direct']:.2f} s), itself {result['floor_vs_transformers']:.1f}x faster than transformers"
+    )
     for name, runs, suffix in (("report recalled", ours, ""), ("report computed", computed, "_report_computed")):
         wall = statistics.median(r["wall"] for r in runs)
-        ratios = {"speedup_vs_transformers": theirs["wall"] / wall, "memory_vs_transformers": rss / theirs["rss_gb"],
-                  "vs_io_floor": wall / floor_wall}
-        print(f"  moeconv, {name} (median {wall:.2f} s): {ratios['speedup_vs_transformers']:.1f}x faster than "
-              f"transformers with 1/{1 / ratios['memory_vs_transformers']:.1f} of its peak RSS; {ratios['vs_io_floor']:.2f}x the I/O floor")
+        ratios = {
+            "speedup_vs_transformers": theirs["wall"] / wall,
+            "memory_vs_transformers": rss / theirs["rss_gb"],
+            "vs_io_floor": wall / floor_wall,
+        }
+        print(
+            f"  moeconv, {name} (median {wall:.2f} s): {ratios['speedup_vs_transformers']:.1f}x faster than "
+            f"transformers with 1/{1 / ratios['memory_vs_transformers']:.1f} of its peak RSS; {ratios['vs_io_floor']:.2f}x the I/O floor"
+        )
         result.update({key + suffix: value for key, value in ratios.items()})
     return result
 
@@ -334,7 +356,9 @@ def main() -> int:
     args = parser.parse_args()
     use_data(args.data)
     cold = drop_caches()
-    print(f"{os.cpu_count()} cores; page cache {'dropped before every contender' if cold else 'WARM for all contenders (not root)'}")
+    print(
+        f"{os.cpu_count()} cores; page cache {'dropped before every contender' if cold else 'WARM for all contenders (not root)'}"
+    )
     results: dict = {"cores": os.cpu_count(), "cold_cache": cold}
     only = set(args.only or SECTIONS)
     if args.quick:
@@ -343,9 +367,13 @@ def main() -> int:
     else:
         if "gpt-oss" in only:
             src = make(args.data, "gpt-oss-20b", 2, args.vocab)
-            results["gpt_oss"] = compare(src, args.data, "gpt-oss-bf16", "gpt-oss", f"gpt-oss-20b width, 2 layers, vocab {args.vocab}")
+            results["gpt_oss"] = compare(
+                src, args.data, "gpt-oss-bf16", "gpt-oss", f"gpt-oss-20b width, 2 layers, vocab {args.vocab}"
+            )
         if "memory" in only:
-            results["memory"] = memory_sweep(args.data, [("gpt-oss-20b", 1), ("gpt-oss-20b", 2), ("gpt-oss-20b", 4), ("gpt-oss-120b", 1)], 8192)
+            results["memory"] = memory_sweep(
+                args.data, [("gpt-oss-20b", 1), ("gpt-oss-20b", 2), ("gpt-oss-20b", 4), ("gpt-oss-120b", 1)], 8192
+            )
         if "fuse" in only:
             src = make(args.data, "mixtral-8x7b", 1, None)
             results["fuse"] = compare(src, args.data, "fuse-experts", "mixtral", "fuse-experts: Mixtral-8x7B width, 1 layer")

@@ -172,12 +172,12 @@ def write_ignored_copies(out_dir: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # The tiny model itself
 # --------------------------------------------------------------------------------------------
-TINY = dict(layers=2, experts=4, hidden=64, intermediate=64, vocab=128, heads=4, kv_heads=2, head_dim=16,
-            top_k=2, sliding_window=8)
+TINY = dict(
+    layers=2, experts=4, hidden=64, intermediate=64, vocab=128, heads=4, kv_heads=2, head_dim=16, top_k=2, sliding_window=8
+)
 
 
-def hub_config(*, layers, experts, hidden, intermediate, vocab, heads, kv_heads, head_dim, top_k,
-               sliding_window) -> dict:
+def hub_config(*, layers, experts, hidden, intermediate, vocab, heads, kv_heads, head_dim, top_k, sliding_window) -> dict:
     """config.json as the gpt-oss hub repos write it (transformers 4.55 era field names)."""
     return {
         "architectures": ["GptOssForCausalLM"],
@@ -222,8 +222,13 @@ def hub_config(*, layers, experts, hidden, intermediate, vocab, heads, kv_heads,
     }
 
 
-GENERATION_CONFIG = {"bos_token_id": 1, "do_sample": True, "eos_token_id": [2, 0], "pad_token_id": 0,
-                     "transformers_version": "4.55.0.dev0"}
+GENERATION_CONFIG = {
+    "bos_token_id": 1,
+    "do_sample": True,
+    "eos_token_id": [2, 0],
+    "pad_token_id": 0,
+    "transformers_version": "4.55.0.dev0",
+}
 
 
 def expert_weight(gen: torch.Generator, shape: tuple[int, ...], std: float = 0.2) -> torch.Tensor:
@@ -235,8 +240,9 @@ def expert_weight(gen: torch.Generator, shape: tuple[int, ...], std: float = 0.2
     return w.reshape(shape)
 
 
-def hub_layout(*, layers, experts, hidden, intermediate, vocab, heads, kv_heads, head_dim,
-               **_) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+def hub_layout(
+    *, layers, experts, hidden, intermediate, vocab, heads, kv_heads, head_dim, **_
+) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """key -> (dtype, shape) of every hub-layout tensor, in write order, for any width (the tiny
     example, or gpt-oss-20b / -120b geometry for benchmarks/make_checkpoint.py)."""
     e, h, i, q, kv = experts, hidden, intermediate, heads * head_dim, kv_heads * head_dim
@@ -245,29 +251,37 @@ def hub_layout(*, layers, experts, hidden, intermediate, vocab, heads, kv_heads,
     for layer in range(layers):
         p = f"model.layers.{layer}."
         x = p + "mlp.experts."
-        layout.update({
-            p + "input_layernorm.weight": (bf16, (h,)),
-            p + "self_attn.q_proj.weight": (bf16, (q, h)), p + "self_attn.q_proj.bias": (bf16, (q,)),
-            p + "self_attn.k_proj.weight": (bf16, (kv, h)), p + "self_attn.k_proj.bias": (bf16, (kv,)),
-            p + "self_attn.v_proj.weight": (bf16, (kv, h)), p + "self_attn.v_proj.bias": (bf16, (kv,)),
-            p + "self_attn.o_proj.weight": (bf16, (h, q)), p + "self_attn.o_proj.bias": (bf16, (h,)),
-            p + "self_attn.sinks": (bf16, (heads,)),
-            p + "post_attention_layernorm.weight": (bf16, (h,)),
-            p + "mlp.router.weight": (bf16, (e, h)), p + "mlp.router.bias": (bf16, (e,)),
-            x + "gate_up_proj_blocks": (u8, (e, 2 * i, h // MXFP4_BLOCK, 16)),  # [E, 2I, H/32, 16]
-            x + "gate_up_proj_scales": (u8, (e, 2 * i, h // MXFP4_BLOCK)),  # [E, 2I, H/32]
-            x + "gate_up_proj_bias": (bf16, (e, 2 * i)),  # [E, 2I]
-            x + "down_proj_blocks": (u8, (e, h, i // MXFP4_BLOCK, 16)),  # [E, H, I/32, 16]
-            x + "down_proj_scales": (u8, (e, h, i // MXFP4_BLOCK)),  # [E, H, I/32]
-            x + "down_proj_bias": (bf16, (e, h)),  # [E, H]
-        })
+        layout.update(
+            {
+                p + "input_layernorm.weight": (bf16, (h,)),
+                p + "self_attn.q_proj.weight": (bf16, (q, h)),
+                p + "self_attn.q_proj.bias": (bf16, (q,)),
+                p + "self_attn.k_proj.weight": (bf16, (kv, h)),
+                p + "self_attn.k_proj.bias": (bf16, (kv,)),
+                p + "self_attn.v_proj.weight": (bf16, (kv, h)),
+                p + "self_attn.v_proj.bias": (bf16, (kv,)),
+                p + "self_attn.o_proj.weight": (bf16, (h, q)),
+                p + "self_attn.o_proj.bias": (bf16, (h,)),
+                p + "self_attn.sinks": (bf16, (heads,)),
+                p + "post_attention_layernorm.weight": (bf16, (h,)),
+                p + "mlp.router.weight": (bf16, (e, h)),
+                p + "mlp.router.bias": (bf16, (e,)),
+                x + "gate_up_proj_blocks": (u8, (e, 2 * i, h // MXFP4_BLOCK, 16)),  # [E, 2I, H/32, 16]
+                x + "gate_up_proj_scales": (u8, (e, 2 * i, h // MXFP4_BLOCK)),  # [E, 2I, H/32]
+                x + "gate_up_proj_bias": (bf16, (e, 2 * i)),  # [E, 2I]
+                x + "down_proj_blocks": (u8, (e, h, i // MXFP4_BLOCK, 16)),  # [E, H, I/32, 16]
+                x + "down_proj_scales": (u8, (e, h, i // MXFP4_BLOCK)),  # [E, H, I/32]
+                x + "down_proj_bias": (bf16, (e, h)),  # [E, H]
+            }
+        )
     layout["model.norm.weight"] = (bf16, (h,))
     layout["lm_head.weight"] = (bf16, (vocab, h))
     return layout
 
 
-def tiny_state_dict(seed: int = 0, *, layers, experts, hidden, intermediate, vocab, heads, kv_heads, head_dim,
-                    **_) -> dict[str, torch.Tensor]:
+def tiny_state_dict(
+    seed: int = 0, *, layers, experts, hidden, intermediate, vocab, heads, kv_heads, head_dim, **_
+) -> dict[str, torch.Tensor]:
     """Hub-layout tensors, keys in the order they are written."""
     gen = torch.Generator().manual_seed(seed)
 
@@ -301,8 +315,9 @@ def tiny_state_dict(seed: int = 0, *, layers, experts, hidden, intermediate, voc
         sd[x + "down_proj_bias"] = rnd(e, h)  # [E, H]
     sd["model.norm.weight"] = rnd(h, mean=1.0)
     sd["lm_head.weight"] = rnd(vocab, h)
-    layout = hub_layout(layers=layers, experts=e, hidden=h, intermediate=i, vocab=vocab, heads=heads,
-                        kv_heads=kv_heads, head_dim=head_dim)
+    layout = hub_layout(
+        layers=layers, experts=e, hidden=h, intermediate=i, vocab=vocab, heads=heads, kv_heads=kv_heads, head_dim=head_dim
+    )
     assert {k: (t.dtype, tuple(t.shape)) for k, t in sd.items()} == layout  # one layout, two writers
     return sd
 

@@ -31,7 +31,6 @@ stdout = Console(soft_wrap=True)
 stderr = Console(stderr=True, soft_wrap=True)
 
 
-
 def command(name: str | None = None, *, on: typer.Typer | None = None, **kwargs) -> Callable:
     """`app.command()` (or `on.command()`) plus the one error funnel: MoeconvError -> one line on
     stderr, exit code 1. Commands import the library inside their body: torch takes a second to
@@ -51,7 +50,10 @@ def command(name: str | None = None, *, on: typer.Typer | None = None, **kwargs)
             except (KeyboardInterrupt, Terminated) as stop:
                 # The with/finally blocks on the way up removed the file being written (see execute).
                 signum = stop.signum if isinstance(stop, Terminated) else signal.SIGINT
-                stderr.print(f"error: interrupted by {signal.Signals(signum).name}; the file being written was removed (convert: rerun with --resume to continue)", highlight=False)
+                stderr.print(
+                    f"error: interrupted by {signal.Signals(signum).name}; the file being written was removed (convert: rerun with --resume to continue)",
+                    highlight=False,
+                )
                 raise typer.Exit(128 + signum) from None
             finally:
                 if previous is not None:
@@ -111,7 +113,18 @@ def inspect_command(
 
 def parse_size(text: str) -> int:
     """'5GB' -> 5 * 10**9, '500MiB' -> 500 * 2**20, '1000' -> 1000 (as transformers reads max_shard_size)."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    units = {
+        "": 1,
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }
     number = text.strip().upper().rstrip()
     unit = number.lstrip("0123456789. ")
     try:
@@ -139,20 +152,50 @@ def load_recipes(presets: list[str], recipes: list[str]) -> list:
 def convert_command(
     src: Annotated[str, typer.Argument(help="Source checkpoint: a folder, a .safetensors file, or a hub repo id.")],
     out: Annotated[Path, typer.Argument(help="Output folder (created; must be empty unless --overwrite).")],
-    preset: Annotated[list[str], typer.Option("--preset", "-p", help="Built-in preset (see `moeconv presets`); repeatable.")] = [],
-    recipe: Annotated[list[str], typer.Option("--recipe", "-r", help="Recipe TOML file, or preset:NAME; repeatable, applied after presets.")] = [],
+    preset: Annotated[
+        list[str], typer.Option("--preset", "-p", help="Built-in preset (see `moeconv presets`); repeatable.")
+    ] = [],
+    recipe: Annotated[
+        list[str], typer.Option("--recipe", "-r", help="Recipe TOML file, or preset:NAME; repeatable, applied after presets.")
+    ] = [],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan and report only: read headers, write nothing.")] = False,
     json_output: JsonOption = False,
-    strict: Annotated[bool, typer.Option("--strict", help="Exit 3 if the load report is not clean; rules that match nothing are errors.")] = False,
-    align: Annotated[int, typer.Option("--align", help="Start every tensor at a multiple of N bytes where the format allows.")] = 16,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Exit 3 if the load report is not clean; rules that match nothing are errors.")
+    ] = False,
+    align: Annotated[
+        int, typer.Option("--align", help="Start every tensor at a multiple of N bytes where the format allows.")
+    ] = 16,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest shard, e.g. 5GB, 500MB, 2GiB.")] = "5GB",
     dtype: Annotated[str | None, typer.Option("--dtype", help="Write every floating-point tensor as bf16, fp16 or fp32.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the contents of a non-empty output folder.")] = False,
-    revision: Annotated[str | None, typer.Option("--revision", help="Hub repo ids: branch, tag or commit to convert (default: main).")] = None,
-    token: Annotated[str | None, typer.Option("--token", help="Hub repo ids: access token (default: HF_TOKEN or the stored login).")] = None,
-    low_disk: Annotated[bool, typer.Option("--low-disk", help="Hub repo ids: fetch each shard when first needed and delete it from the huggingface_hub cache once converted.")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in OUT (same options, --checksum too): keep its finished shards whose checksum still matches, redo the rest.")] = False,
-    checksum: Annotated[Checksum, typer.Option("--checksum", help="Hash of every output file in the report, for `moeconv verify` and --resume: xxh3-128 (fast integrity check against accidental change) or sha256 (slower; comparable to the hub's LFS oid).")] = Checksum(checksums.DEFAULT),
+    revision: Annotated[
+        str | None, typer.Option("--revision", help="Hub repo ids: branch, tag or commit to convert (default: main).")
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option("--token", help="Hub repo ids: access token (default: HF_TOKEN or the stored login).")
+    ] = None,
+    low_disk: Annotated[
+        bool,
+        typer.Option(
+            "--low-disk",
+            help="Hub repo ids: fetch each shard when first needed and delete it from the huggingface_hub cache once converted.",
+        ),
+    ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue an interrupted run in OUT (same options, --checksum too): keep its finished shards whose checksum still matches, redo the rest.",
+        ),
+    ] = False,
+    checksum: Annotated[
+        Checksum,
+        typer.Option(
+            "--checksum",
+            help="Hash of every output file in the report, for `moeconv verify` and --resume: xxh3-128 (fast integrity check against accidental change) or sha256 (slower; comparable to the hub's LFS oid).",
+        ),
+    ] = Checksum(checksums.DEFAULT),
 ) -> None:
     """Convert a checkpoint with ordered rules (presets and recipes) and write a load report.
 
@@ -185,7 +228,9 @@ def convert_command(
     fetch_inputs(plan, low_disk=low_disk)  # hub repo ids: download what the plan reads (no-op for local paths)
     with progress_bar(stderr, plan, enabled=stderr.is_terminal and not json_output) as progress:
         try:
-            report = execute(plan, out, overwrite=overwrite, progress=progress, low_disk=low_disk, resume=resume, checksum=checksum.value)
+            report = execute(
+                plan, out, overwrite=overwrite, progress=progress, low_disk=low_disk, resume=resume, checksum=checksum.value
+            )
         except MoeconvError:
             plan.report  # noqa: B018  (its thread changes torch's default dtype: it must not outlive the command)
             raise
@@ -202,8 +247,19 @@ def convert_command(
 @command("verify")
 def verify_command(
     out: Annotated[Path, typer.Argument(help="A folder written by `moeconv convert`.", show_default=False)],
-    against: Annotated[str | None, typer.Option("--against", help="Also recompute every tensor from this source (folder, file or hub repo id) and compare bit for bit.")] = None,
-    sample: Annotated[int | None, typer.Option("--sample", help="With --against: compare N evenly spaced rows of axis 0 per tensor (e.g. N experts), not all.")] = None,
+    against: Annotated[
+        str | None,
+        typer.Option(
+            "--against",
+            help="Also recompute every tensor from this source (folder, file or hub repo id) and compare bit for bit.",
+        ),
+    ] = None,
+    sample: Annotated[
+        int | None,
+        typer.Option(
+            "--sample", help="With --against: compare N evenly spaced rows of axis 0 per tensor (e.g. N experts), not all."
+        ),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Check OUT against its moeconv-report.json: every file's checksum (the report's algorithm), headers, dtypes, shapes, offsets, alignment."""
@@ -252,7 +308,7 @@ def ops_command() -> None:
     """List the ops recipes can use: parameters, inverse, what each does."""
     from moeconv.ops import OPS
 
-    for name, op in sorted(OPS.items()):
+    for _, op in sorted(OPS.items()):
         inverse = f"  (inverse: {op.inverse})" if op.inverse else ""
         stdout.print(f"{op.signature()}{inverse}\n    {op.doc}", highlight=False, markup=False)
 

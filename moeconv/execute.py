@@ -131,7 +131,9 @@ class _BackgroundWriter:
                     single = True
                 self.writer.write(key, chunk)
                 if self.progress:
-                    self.progress(self.shard, chunk.nbytes if isinstance(chunk, memoryview) else chunk.numel() * chunk.element_size())
+                    self.progress(
+                        self.shard, chunk.nbytes if isinstance(chunk, memoryview) else chunk.numel() * chunk.element_size()
+                    )
             except BaseException as error:  # handed to the main thread in put()/close()
                 self.error = error
 
@@ -234,7 +236,9 @@ def execute(
     Returns the report that was written to `out_dir/moeconv-report.json`.
     """
     if low_disk and plan.source.evict is None:
-        raise WriteError(f"{plan.source.origin}: --low-disk deletes input shards, so it only works on hub repo ids, never on local files")
+        raise WriteError(
+            f"{plan.source.origin}: --low-disk deletes input shards, so it only works on hub repo ids, never on local files"
+        )
     new_hasher(checksum)  # an unknown algorithm fails before anything is touched
     chunk_bytes = chunk_bytes or int(os.environ.get("MOECONV_CHUNK_BYTES", CHUNK_BYTES))
     release, peak_input = input_schedule(plan) if low_disk else ({}, 0)
@@ -255,8 +259,14 @@ def execute(
                     progress(layout.name, sum(spec.nbytes for spec in layout.order))
                 continue
             manifest = write_shard(
-                plan, layout, output.staged(layout.name), compute=compute, checksum=checksum,
-                chunk_bytes=chunk_bytes, progress=progress, tensor_done=tensor_done,
+                plan,
+                layout,
+                output.staged(layout.name),
+                compute=compute,
+                checksum=checksum,
+                chunk_bytes=chunk_bytes,
+                progress=progress,
+                tensor_done=tensor_done,
             )
             output.record(layout.name, manifest)
     except BaseException as error:

@@ -130,7 +130,6 @@ def check_header(path: Path, header: dict, data_start: int, size: int) -> tuple[
     return {t.key: t for t in tensors}, metadata, data_start
 
 
-
 # ---- writing: layout and alignment --------------------------------------------------------------
 
 

@@ -75,7 +75,9 @@ def _hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
 
     at = f"{repo_id}@{revision}" if revision else repo_id
     # Newer huggingface_hub versions add these; a missing one simply never matches.
-    not_cached = tuple(getattr(hf, name) for name in ("LocalEntryNotFoundError", "IncompleteSnapshotError", "DryRunError") if hasattr(hf, name))
+    not_cached = tuple(
+        getattr(hf, name) for name in ("LocalEntryNotFoundError", "IncompleteSnapshotError", "DryRunError") if hasattr(hf, name)
+    )
     try:
         yield
     except hf.GatedRepoError:
@@ -95,7 +97,9 @@ def _hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
         raise HubError(f"{at}: hub request failed: {_first_line(error)}") from None
     except Exception as error:  # the HTTP client's own connection errors (httpx, or requests before 1.0)
         if type(error).__module__.split(".")[0].startswith(("httpx", "requests", "urllib3")):
-            raise HubError(f"{at}: cannot reach the hub ({type(error).__name__}); set HF_HUB_OFFLINE=1 to use the cache") from None
+            raise HubError(
+                f"{at}: cannot reach the hub ({type(error).__name__}); set HF_HUB_OFFLINE=1 to use the cache"
+            ) from None
         raise
 
 
@@ -125,7 +129,12 @@ def _snapshot_dir(repo_id: str, commit: str) -> Path:
     from huggingface_hub import constants
     from huggingface_hub.file_download import repo_folder_name
 
-    return Path(constants.HF_HUB_CACHE).expanduser().resolve() / repo_folder_name(repo_id=repo_id, repo_type="model") / "snapshots" / commit
+    return (
+        Path(constants.HF_HUB_CACHE).expanduser().resolve()
+        / repo_folder_name(repo_id=repo_id, repo_type="model")
+        / "snapshots"
+        / commit
+    )
 
 
 def evict_cached(path: Path) -> None:
@@ -224,14 +233,18 @@ def _open_cached(repo_id: str, revision: str | None, token: str | None) -> Check
 
     with _hub_errors(repo_id, revision):
         folder = Path(
-            snapshot_download(repo_id, revision=revision, token=token, allow_patterns=["config.json", INDEX_NAME], ignore_patterns=["*/*"])
+            snapshot_download(
+                repo_id, revision=revision, token=token, allow_patterns=["config.json", INDEX_NAME], ignore_patterns=["*/*"]
+            )
         )
     at = f"{repo_id}@{folder.name[:12]}"
     listing = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}  # a deleted blob's link is not a file
     if SINGLE_NAME not in listing and INDEX_NAME in listing:
         missing = sorted(read_index_names(folder / INDEX_NAME) - listing.keys())
         if missing:
-            raise HubError(f"{at}: shard {missing[0]} is not in the huggingface_hub cache ({folder.parent.parent}) and HF_HUB_OFFLINE is set")
+            raise HubError(
+                f"{at}: shard {missing[0]} is not in the huggingface_hub cache ({folder.parent.parent}) and HF_HUB_OFFLINE is set"
+            )
     else:
         _weight_files(at, listing)
     hooks, holder = _hooks(repo_id, folder.name, token)

@@ -81,9 +81,7 @@ class Op:
 
     def params(self) -> dict[str, inspect.Parameter]:
         """The keyword-only parameters of fn: the op's recipe schema."""
-        return {
-            name: p for name, p in inspect.signature(self.fn).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
-        }
+        return {name: p for name, p in inspect.signature(self.fn).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
     def signature(self) -> str:
         """'transpose(x, *, dim0: int, dim1: int)' for listings and error messages."""
@@ -93,7 +91,14 @@ class Op:
 OPS: dict[str, Op] = {}
 
 
-def register(name: str, *, shape: Callable, rows: Callable[[dict, list[Spec], int], RowMap], inverse: str | None = None, n_inputs: int | None = 1):
+def register(
+    name: str,
+    *,
+    shape: Callable,
+    rows: Callable[[dict, list[Spec], int], RowMap],
+    inverse: str | None = None,
+    n_inputs: int | None = 1,
+):
     """Decorator: register fn as op `name` with its shape rule and row map (see the module doc)."""
 
     def decorate(fn: Callable) -> Callable:
@@ -119,8 +124,10 @@ def get_op(name: str) -> Op:
 
 def _param_hints(op: Op) -> dict:
     """The keyword-only parameters' annotations, evaluated (the tensor ones would need torch)."""
-    return {name: eval(p.annotation, op.fn.__globals__) if isinstance(p.annotation, str) else p.annotation  # noqa: S307 (our own source)
-            for name, p in op.params().items()}
+    return {
+        name: eval(p.annotation, op.fn.__globals__) if isinstance(p.annotation, str) else p.annotation  # noqa: S307 (our own source)
+        for name, p in op.params().items()
+    }
 
 
 def _describe(annotation) -> str:
@@ -153,10 +160,13 @@ def check_params(op_name: str, params: dict) -> dict:
     op = get_op(op_name)
     schema = op.params()
     hints = _param_hints(op)
-    allowed = ", ".join(
-        f"{n} ({_describe(hints[n])}{', required' if p.default is inspect.Parameter.empty else f', default {p.default!r}'})"
-        for n, p in schema.items()
-    ) or "none"
+    allowed = (
+        ", ".join(
+            f"{n} ({_describe(hints[n])}{', required' if p.default is inspect.Parameter.empty else f', default {p.default!r}'})"
+            for n, p in schema.items()
+        )
+        or "none"
+    )
     for name in params:
         if name not in schema:
             close = difflib.get_close_matches(str(name), schema, n=1)
@@ -288,7 +298,7 @@ def concat(*xs: torch.Tensor, dim: int = 0) -> torch.Tensor:
 
 
 def _split_shape(specs: list[Spec], *, dim: int, parts: int) -> list[Spec]:
-    (dtype, shape), = specs
+    ((dtype, shape),) = specs
     d = _dim("split", dim, len(shape))
     if parts < 1 or shape[d] % parts:
         raise OpError(f"split: dim {dim} of {list(shape)} has size {shape[d]}, not divisible into {parts} equal parts")
@@ -348,7 +358,7 @@ def stack(*xs: torch.Tensor, dim: int = 0) -> torch.Tensor:
 
 
 def _unstack_shape(specs: list[Spec], *, dim: int) -> list[Spec]:
-    (dtype, shape), = specs
+    ((dtype, shape),) = specs
     d = _dim("unstack", dim, len(shape))
     return [(dtype, shape[:d] + shape[d + 1 :])] * shape[d]
 
@@ -382,7 +392,7 @@ def _transpose_rows(params: dict, specs: list[Spec], index: int) -> RowMap:
 
 
 def _transpose_shape(specs: list[Spec], *, dim0: int, dim1: int) -> list[Spec]:
-    (dtype, shape), = specs
+    ((dtype, shape),) = specs
     d0, d1 = _dim("transpose", dim0, len(shape), "dim0"), _dim("transpose", dim1, len(shape), "dim1")
     out = list(shape)
     out[d0], out[d1] = shape[d1], shape[d0]
@@ -411,7 +421,7 @@ def _pairs_shape(op: str):
     """The shape rule of (de)interleave: the same shape, with an even size along dim."""
 
     def rule(specs: list[Spec], *, dim: int, order: str) -> list[Spec]:
-        (dtype, shape), = specs
+        ((dtype, shape),) = specs
         d = _dim(op, dim, len(shape))
         if shape[d] % 2:
             raise OpError(f"{op}: dim {dim} of {list(shape)} has odd size {shape[d]}; gate/up rows come in pairs")
@@ -441,7 +451,7 @@ def interleave(x: torch.Tensor, *, dim: int, order: Order = "gate-first") -> tor
 
 
 def _cast_shape(specs: list[Spec], *, dtype: str) -> list[Spec]:
-    (_, shape), = specs
+    ((_, shape),) = specs
     return [(dtype, shape)]
 
 

@@ -57,13 +57,15 @@ def _leftovers(out: Path) -> list[Path]:
 class Output:
     """One conversion's output folder.
 
-        output = Output(out_dir, plan, overwrite=..., resume=..., checksum=...)
-        kept = output.open()                       # {shard name: {"size", "checksum"}} kept by --resume
-        writes each other shard to output.staged(layout.name), then output.record(name, manifest)
-        report = output.finalize()                 # or output.abandon(error) on failure
+    output = Output(out_dir, plan, overwrite=..., resume=..., checksum=...)
+    kept = output.open()                       # {shard name: {"size", "checksum"}} kept by --resume
+    writes each other shard to output.staged(layout.name), then output.record(name, manifest)
+    report = output.finalize()                 # or output.abandon(error) on failure
     """
 
-    def __init__(self, out_dir: str | Path, plan: Plan, *, overwrite: bool = False, resume: bool = False, checksum: str = DEFAULT_CHECKSUM):
+    def __init__(
+        self, out_dir: str | Path, plan: Plan, *, overwrite: bool = False, resume: bool = False, checksum: str = DEFAULT_CHECKSUM
+    ):
         self.dir = Path(out_dir)
         self.plan = plan
         self.overwrite, self.resume, self.checksum = overwrite, resume, checksum
@@ -72,7 +74,14 @@ class Output:
 
     def open(self) -> dict[str, dict]:
         """Make the folder ready (refusals, --overwrite, --resume) and start the journal."""
-        self.finished = _prepare(self.dir, self.plan.source.root, self.overwrite, resume=self.resume, fingerprint=self.fingerprint, checksum=self.checksum)
+        self.finished = _prepare(
+            self.dir,
+            self.plan.source.root,
+            self.overwrite,
+            resume=self.resume,
+            fingerprint=self.fingerprint,
+            checksum=self.checksum,
+        )
         try:
             self._write_journal()
         except BaseException as error:
@@ -143,7 +152,9 @@ class Output:
         if not self.finished:
             (self.dir / JOURNAL_NAME).unlink(missing_ok=True)
         elif isinstance(error, MoeconvError):
-            error.args = (f"{error}; {len(self.finished)} finished shard(s) kept out of sight in {self.dir}: rerun with --resume to continue",)
+            error.args = (
+                f"{error}; {len(self.finished)} finished shard(s) kept out of sight in {self.dir}: rerun with --resume to continue",
+            )
 
 
 def _prepare(
@@ -189,7 +200,9 @@ def _prepare(
             for path in [out / REPORT_NAME, out / INDEX_NAME, journal, *out.glob("*.safetensors"), *_leftovers(out)]:
                 path.unlink(missing_ok=True)
         except OSError as error:
-            raise WriteError(f"{error.filename}: cannot delete this file of the replaced output: {error.strerror or error}") from None
+            raise WriteError(
+                f"{error.filename}: cannot delete this file of the replaced output: {error.strerror or error}"
+            ) from None
         return {}
     out.mkdir(parents=True, exist_ok=True)
     return {}
@@ -213,7 +226,9 @@ def _resume(out_dir: Path, fingerprint: str | None, overwrite: bool, checksum: s
         if overwrite:
             return None
         if not isinstance(recorded, str):
-            raise WriteError(f"{out_dir}: {JOURNAL_NAME} records no checksum algorithm (another moeconv version); pass --overwrite to start over")
+            raise WriteError(
+                f"{out_dir}: {JOURNAL_NAME} records no checksum algorithm (another moeconv version); pass --overwrite to start over"
+            )
         raise WriteError(
             f"{out_dir}: the unfinished conversion there checksummed its shards with {recorded}, not {checksum};"
             f" rerun with --checksum {recorded} to resume it, or pass --overwrite to start over"
@@ -235,7 +250,11 @@ def _resume(out_dir: Path, fingerprint: str | None, overwrite: bool, checksum: s
             continue
         staged, final = out / staged_name(name), out / name
         found = staged if staged.is_file() else final if final.is_file() else None
-        if found is not None and found.stat().st_size == entry.get("size") and file_checksum(found, checksum) == entry.get("checksum"):
+        if (
+            found is not None
+            and found.stat().st_size == entry.get("size")
+            and file_checksum(found, checksum) == entry.get("checksum")
+        ):
             if found == final:
                 os.replace(final, staged)
             kept[name] = {"size": entry["size"], "checksum": entry["checksum"]}

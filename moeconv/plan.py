@@ -169,8 +169,7 @@ class _Planner:
         self.config = source.config or {}
         self.dtype = dtype
         self.namespace: dict[str, Entry] = {
-            key: Entry(SourceNode(source, key, info.dtype, info.shape), (key,))
-            for key, info in source.tensors.items()
+            key: Entry(SourceNode(source, key, info.dtype, info.shape), (key,)) for key, info in source.tensors.items()
         }
         self.warnings: list[str] = []
 
@@ -202,9 +201,7 @@ class _Planner:
                 for value in values:
                     key = self._target(rule, groups, value)
                     if key in produced:
-                        raise PlanError(
-                            f"{rule.where} writes '{key}' twice; put the split/unstack variable in 'target'"
-                        )
+                        raise PlanError(f"{rule.where} writes '{key}' twice; put the split/unstack variable in 'target'")
                     produced[key] = Entry(value.node, value.sources, value.rules + (rule.name,), value.ops)
         for key in consumed:
             del self.namespace[key]
@@ -292,7 +289,15 @@ class _Planner:
                 parts = [member[j] for member in per_member]
                 node = self._op_node(rule, stack_step, [p.node for p in parts], 0, where=label)
                 sources = tuple(s for p in parts for s in p.sources)
-                stacked.append(Value(node, parts[0].variables, sources, parts[0].ops + (stack_step.describe(self._params(stack_step)),), parts[0].rules))
+                stacked.append(
+                    Value(
+                        node,
+                        parts[0].variables,
+                        sources,
+                        parts[0].ops + (stack_step.describe(self._params(stack_step)),),
+                        parts[0].rules,
+                    )
+                )
             yield dict(rest), self._steps(rule, rule.steps[split_at + 1 :], stacked, where=label)
 
     def _expected_count(self, rule: Rule) -> tuple[int | None, str]:
@@ -352,7 +357,9 @@ class _Planner:
             return rule.target.format(**groups, **value.variables)
         except KeyError as error:
             known = sorted({*groups, *value.variables})
-            raise PlanError(f"{rule.where}: target uses {{{error.args[0]}}}, which is not defined here; available: {known}") from None
+            raise PlanError(
+                f"{rule.where}: target uses {{{error.args[0]}}}, which is not defined here; available: {known}"
+            ) from None
 
     # ---- after the rules --------------------------------------------------------------------------
 
@@ -361,10 +368,10 @@ class _Planner:
         if self.dtype is None:
             return
         params = {"dtype": self.dtype}
-        for key, entry in self.namespace.items():
+        for entry in self.namespace.values():
             node = entry.node
             if dtypes.is_float(node.dtype) and node.dtype != self.dtype:
-                (dtype, shape), = infer_outputs("cast", params, [node])
+                ((dtype, shape),) = infer_outputs("cast", params, [node])
                 entry.node = OpNode("cast", params, [node], 0, dtype, shape)
                 entry.ops += (f"cast(dtype={dtypes.SHORT_NAMES[self.dtype]})",)
 

@@ -47,7 +47,9 @@ class OpStep:
 
     def describe(self, params: dict | None = None) -> str:
         """'transpose(dim0=1, dim1=2)', with `params` (resolved "$dtype") when given."""
-        args = ", ".join(f"{k}={dtypes.SHORT_NAMES.get(v, v) if isinstance(v, str) else v}" for k, v in (params or self.params).items())
+        args = ", ".join(
+            f"{k}={dtypes.SHORT_NAMES.get(v, v) if isinstance(v, str) else v}" for k, v in (params or self.params).items()
+        )
         return f"{self.op}({args})"
 
 
@@ -115,7 +117,7 @@ def _parse_step(where: str, index: int, entry: object) -> OpStep:
         raise _fail(at, f"'as' and 'names' only go with {sorted(FANOUT_OPS)}, not '{name}'")
     if names is not None:
         if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
-            raise _fail(at, "'names' must be a list of strings, e.g. [\"gate\", \"up\"]")
+            raise _fail(at, '\'names\' must be a list of strings, e.g. ["gate", "up"]')
         if name == "split":
             if "parts" in params and params["parts"] != len(names):
                 raise _fail(at, f"'parts' = {params['parts']} but {len(names)} names given")

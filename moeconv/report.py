@@ -253,9 +253,7 @@ def _simulate_load(model, consumer: str, planned: Planned) -> LoadReport:
 
     expected = {k: (t.dtype, tuple(t.shape)) for k, t in model.state_dict().items()}
     planned_dtypes = {k: dtypes.to_torch(dtype) if dtype in dtypes.ITEMSIZE else torch.uint8 for k, (dtype, _) in planned.items()}
-    state_dict = {
-        key: torch.empty(shape, dtype=planned_dtypes[key], device="meta") for key, (_, shape) in planned.items()
-    }
+    state_dict = {key: torch.empty(shape, dtype=planned_dtypes[key], device="meta") for key, (_, shape) in planned.items()}
 
     with _quiet_transformers():
         mapping = get_model_conversion_mapping(model)

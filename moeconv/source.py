@@ -144,14 +144,14 @@ class Checkpoint:
     # -- opening ----------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | Path) -> "Checkpoint":
+    def open(cls, path: str | Path) -> Checkpoint:
         """A folder (single file, index + shards, or all root-level .safetensors) or one .safetensors file."""
         checkpoint = cls._open(path)
         checkpoint.origin = str(path)  # as given, so the report does not depend on the folder it ran in
         return checkpoint
 
     @classmethod
-    def _open(cls, path: str | Path) -> "Checkpoint":
+    def _open(cls, path: str | Path) -> Checkpoint:
         path = Path(path).expanduser().absolute()
         if not path.exists():
             raise CheckpointError(f"{path}: no such file or folder")
@@ -160,7 +160,9 @@ class Checkpoint:
                 root = path.parent
                 return cls._from_files(root, cls._index_files(root, path))
             if path.suffix in PICKLE_SUFFIXES:
-                raise CheckpointError(f"{path}: pickled weights are not read (unpickling runs code); convert to .safetensors first")
+                raise CheckpointError(
+                    f"{path}: pickled weights are not read (unpickling runs code); convert to .safetensors first"
+                )
             if path.suffix != ".safetensors":
                 raise CheckpointError(f"{path}: not a .safetensors file or a checkpoint folder")
             return cls._from_files(path.parent, {path: None})
@@ -188,7 +190,7 @@ class Checkpoint:
         index = _load_json(index_path, "index")
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index_path}: index has no \"weight_map\" object; it is not a safetensors index")
+            raise CheckpointError(f'{index_path}: index has no "weight_map" object; it is not a safetensors index')
         shards: dict[Path, set[str]] = {}
         for key, shard in weight_map.items():
             if not isinstance(shard, str) or not shard:
@@ -207,7 +209,7 @@ class Checkpoint:
                 )
             shards.setdefault(shard_path, set()).add(key)
         if not shards:
-            raise CheckpointError(f"{index_path}: index \"weight_map\" is empty")
+            raise CheckpointError(f'{index_path}: index "weight_map" is empty')
         return shards
 
     @classmethod
@@ -217,7 +219,7 @@ class Checkpoint:
         headers: dict[str, tuple[dict, int, int]],
         weight_map: dict[str, str] | None,
         **hooks,
-    ) -> "Checkpoint":
+    ) -> Checkpoint:
         """A checkpoint from already-decoded headers: file name -> (header JSON object, data start, file size).
 
         The shard files need not exist (a hub repo planned from ranged header reads); the same checks
@@ -247,7 +249,7 @@ class Checkpoint:
         return checkpoint
 
     @classmethod
-    def _from_files(cls, root: Path, files: dict[Path, set[str] | None], read=read_header) -> "Checkpoint":
+    def _from_files(cls, root: Path, files: dict[Path, set[str] | None], read=read_header) -> Checkpoint:
         """Read every header; `files` maps a shard to the keys its index claims (None: no index)."""
         found: dict[str, TensorInfo] = {}
         for path in sorted(files, key=lambda p: p.name):
@@ -255,9 +257,7 @@ class Checkpoint:
             tensors, _, _ = read(path)
             for key, info in tensors.items():
                 if key in found:
-                    raise CheckpointError(
-                        f"{path}: tensor {_q(key)} is also in {found[key].file}; a key must live in one shard"
-                    )
+                    raise CheckpointError(f"{path}: tensor {_q(key)} is also in {found[key].file}; a key must live in one shard")
                 # A shard key the index does not name is an error, not a warning: loaders follow the
                 # index and would silently drop it, so the checkpoint is not what it looks like.
                 if claimed is not None and key not in claimed:
@@ -302,7 +302,9 @@ class Checkpoint:
                         raise CheckpointError(f"{file}: cannot open: {error.strerror or error}") from None
         return self._readers[file]
 
-    def _locate(self, key: str, start: int | None, stop: int | None, within: int | None) -> tuple[TensorInfo, tuple[int, ...], int, int]:
+    def _locate(
+        self, key: str, start: int | None, stop: int | None, within: int | None
+    ) -> tuple[TensorInfo, tuple[int, ...], int, int]:
         """(info, shape, file offset, byte count) of rows start:stop of `key` (of row `within`'s own
         first axis, with `within`): always one contiguous byte range."""
         info = self.tensors.get(key)
@@ -351,7 +353,9 @@ class Checkpoint:
         except OSError as error:
             raise CheckpointError(f"{info.file}: cannot read tensor {_q(info.key)}: {error.strerror or error}") from None
         except EOFError:
-            raise CheckpointError(f"{info.file}: tensor {_q(info.key)} ends beyond the end of the file; the file changed or is truncated") from None
+            raise CheckpointError(
+                f"{info.file}: tensor {_q(info.key)} ends beyond the end of the file; the file changed or is truncated"
+            ) from None
 
     def release_file(self, file: Path) -> None:
         """Close a shard and delete it through the `evict` hook (--low-disk); only remote sources have one."""
@@ -370,7 +374,7 @@ class Checkpoint:
         for reader in readers:
             reader.close()
 
-    def __enter__(self) -> "Checkpoint":
+    def __enter__(self) -> Checkpoint:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -388,4 +392,3 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.root)!r}, {len(self.tensors)} tensors in {len(self.files)} files)"
-

@@ -86,7 +86,9 @@ def _load_report(out: Path) -> dict:
         raise VerifyError(f"{path}: not a moeconv report (needs 'checksums' with 'files', 'shards' and 'tensors')")
     algorithm = report["checksums"].get("algorithm")
     if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
-        raise VerifyError(f"{path}: unknown checksum algorithm {json.dumps(algorithm)} (this moeconv knows {', '.join(ALGORITHMS)})")
+        raise VerifyError(
+            f"{path}: unknown checksum algorithm {json.dumps(algorithm)} (this moeconv knows {', '.join(ALGORITHMS)})"
+        )
     return report
 
 
@@ -149,7 +151,9 @@ def _check_layout(out: Path, report: dict, result: VerifyResult, missing: set[st
                 if got[what] != want.get(what):
                     result.problems.append(f"{path}: tensor '{key}': {what} {got[what]}, the report says {want.get(what)}")
             if key not in misaligned and info.begin % align:
-                result.problems.append(f"{path}: tensor '{key}' starts at byte {info.begin}, not {align}-byte aligned as the report says")
+                result.problems.append(
+                    f"{path}: tensor '{key}' starts at byte {info.begin}, not {align}-byte aligned as the report says"
+                )
 
 
 def _rebuild_plan(report: dict, against: str):
@@ -160,7 +164,9 @@ def _rebuild_plan(report: dict, against: str):
 
     rebuild = report.get("rebuild")
     if not isinstance(rebuild, dict) or not isinstance(rebuild.get("recipes"), list):
-        raise VerifyError(f"{REPORT_NAME}: no 'rebuild' section (recipes and options); --against needs a report from this moeconv version")
+        raise VerifyError(
+            f"{REPORT_NAME}: no 'rebuild' section (recipes and options); --against needs a report from this moeconv version"
+        )
     recipes = [parse_recipe(r["text"], r["origin"]) for r in rebuild["recipes"]]
     dtype = parse_user_dtype(rebuild["dtype"]) if rebuild.get("dtype") else None
     source = open_source(against)
@@ -184,7 +190,9 @@ def _check_plan(plan, report: dict, result: VerifyResult) -> bool:
         planned = {"dtype": tensor.dtype, "shape": list(tensor.shape), "shard": tensor.shard, "offset": tensor.offset}
         for what, value in planned.items():
             if value != want.get(what):
-                result.problems.append(f"tensor '{key}': the source and recipes give {what} {value}, the report says {want.get(what)}")
+                result.problems.append(
+                    f"tensor '{key}': the source and recipes give {what} {value}, the report says {want.get(what)}"
+                )
                 break
     return len(result.problems) == before
 
@@ -237,7 +245,9 @@ def _check_values(out: Path, plan, result: VerifyResult, skip: set[str], sample:
             os.close(fd)
 
 
-def verify(out: str | Path, against: str | None = None, sample: int | None = None, chunk_bytes: int = CHUNK_BYTES) -> VerifyResult:
+def verify(
+    out: str | Path, against: str | None = None, sample: int | None = None, chunk_bytes: int = CHUNK_BYTES
+) -> VerifyResult:
     """Check `out` against its report (and against the source `against`); see the module doc."""
     if sample is not None and sample < 1:
         raise VerifyError(f"--sample must be at least 1, got {sample}")
@@ -253,4 +263,3 @@ def verify(out: str | Path, against: str | None = None, sample: int | None = Non
             _check_values(out, plan, result, skip, sample, chunk_bytes)
         plan.source.close()
     return result
-

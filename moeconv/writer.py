@@ -25,6 +25,7 @@ from moeconv.format import INDEX_NAME, ShardLayout, TensorSpec
 if TYPE_CHECKING:
     import torch
 
+
 def fsync_file(path: Path) -> None:
     """fsync a file by path (one written earlier with fsync left for later)."""
     fd = os.open(path, os.O_RDONLY)
@@ -148,9 +149,7 @@ class ShardWriter:
             raise self._fail(f"'{key}' is not in this shard")
         expected = order[self._index] if self._index < len(order) else None
         if expected is not None and self._done < expected.nbytes:
-            raise self._fail(
-                f"'{key}' arrived out of order while '{expected.key}' has {self._done} of {expected.nbytes} bytes"
-            )
+            raise self._fail(f"'{key}' arrived out of order while '{expected.key}' has {self._done} of {expected.nbytes} bytes")
         raise self._fail(f"'{key}' arrived out of order (already written, or a non-empty tensor before it was skipped)")
 
     def write(self, key: str, data) -> None:
@@ -205,7 +204,7 @@ class ShardWriter:
             self._fd = None
         self.temp.unlink(missing_ok=True)
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, *exc) -> None:

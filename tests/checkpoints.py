@@ -89,8 +89,14 @@ PER_EXPERT_FAMILIES = ("qwen3_moe", "mixtral", "olmoe")
 _FAMILY = {
     "qwen3_moe": {
         "experts_field": "num_experts",
-        "config": dict(intermediate_size=64, moe_intermediate_size=16, head_dim=8, norm_topk_prob=True,
-                       decoder_sparse_step=1, mlp_only_layers=[]),
+        "config": dict(
+            intermediate_size=64,
+            moe_intermediate_size=16,
+            head_dim=8,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        ),
         "moe": "mlp",
         "router": "gate",
         "expert": {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
@@ -110,9 +116,18 @@ _FAMILY = {
         "expert": {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
     },
 }
-_COMMON = dict(vocab_size=128, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2,
-               tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-               max_position_embeddings=256)
+_COMMON = dict(
+    vocab_size=128,
+    hidden_size=32,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_experts_per_tok=2,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    max_position_embeddings=256,
+)
 
 
 def expert_key(model_type: str, layer: int, expert: int, role: str) -> str:
@@ -153,8 +168,9 @@ def _reinit_(model: torch.nn.Module, seed: int) -> None:
             p.copy_(torch.randn(p.shape, generator=gen) * std + mean)
 
 
-def make_per_expert_model(model_type: str, *, layers: int = 2, experts: int = 4, seed: int = 0,
-                          dtype: torch.dtype = torch.bfloat16):
+def make_per_expert_model(
+    model_type: str, *, layers: int = 2, experts: int = 4, seed: int = 0, dtype: torch.dtype = torch.bfloat16
+):
     """The model `build_per_expert` saves, deterministic in its arguments, held in float32 with every
     parameter rounded to `dtype`: `.to(dtype)` is what gets saved, and its float32 logits equal those of
     the checkpoint loaded with dtype=float32 bit for bit (casting the whole model to bf16 would also
@@ -172,8 +188,16 @@ def make_per_expert_model(model_type: str, *, layers: int = 2, experts: int = 4,
     return model.eval()
 
 
-def build_per_expert(model_type: str, out_dir: str | Path, *, layers: int = 2, experts: int = 4, seed: int = 0,
-                     dtype: torch.dtype = torch.bfloat16, max_shard_size: int | str | None = None) -> Path:
+def build_per_expert(
+    model_type: str,
+    out_dir: str | Path,
+    *,
+    layers: int = 2,
+    experts: int = 4,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_size: int | str | None = None,
+) -> Path:
     """Write a tiny per-expert `model_type` checkpoint (qwen3_moe | mixtral | olmoe) to out_dir.
 
     With max_shard_size (e.g. "20KB") save_pretrained writes model-0000i-of-0000n.safetensors + index.
@@ -190,22 +214,33 @@ def build_per_expert(model_type: str, out_dir: str | Path, *, layers: int = 2, e
 # ------------------------------------------------------------------------------------------------
 # gpt-oss MXFP4
 # ------------------------------------------------------------------------------------------------
-def gpt_oss_config(*, layers: int = 2, experts: int = 4, hidden: int = 64, intermediate: int = 64,
-                   vocab: int = 128):
+def gpt_oss_config(*, layers: int = 2, experts: int = 4, hidden: int = 64, intermediate: int = 64, vocab: int = 128):
     from transformers import GptOssConfig
 
     if hidden % 32 or intermediate % 32:
         raise ValueError("hidden and intermediate must be multiples of 32 (MXFP4 blocks)")
     return GptOssConfig(
-        num_hidden_layers=layers, num_local_experts=experts, hidden_size=hidden, intermediate_size=intermediate,
-        vocab_size=vocab, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts_per_tok=2,
-        sliding_window=8, max_position_embeddings=131072, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        num_hidden_layers=layers,
+        num_local_experts=experts,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        vocab_size=vocab,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts_per_tok=2,
+        sliding_window=8,
+        max_position_embeddings=131072,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
 
 
-def make_gpt_oss_model(*, layers: int = 2, experts: int = 4, hidden: int = 64, intermediate: int = 64,
-                       vocab: int = 128, seed: int = 0):
+def make_gpt_oss_model(
+    *, layers: int = 2, experts: int = 4, hidden: int = 64, intermediate: int = 64, vocab: int = 128, seed: int = 0
+):
     """Random GptOssForCausalLM with MXFP4-representable experts and bf16-representable everything else,
     held in float32 (see make_per_expert_model for why).
 
@@ -233,15 +268,25 @@ def make_gpt_oss_model(*, layers: int = 2, experts: int = 4, hidden: int = 64, i
     return model.eval(), hub
 
 
-def build_gpt_oss_mxfp4(out_dir: str | Path, *, layers: int = 2, experts: int = 4, hidden: int = 64,
-                        intermediate: int = 64, vocab: int = 128, seed: int = 0, shards: int = 2) -> Path:
+def build_gpt_oss_mxfp4(
+    out_dir: str | Path,
+    *,
+    layers: int = 2,
+    experts: int = 4,
+    hidden: int = 64,
+    intermediate: int = 64,
+    vocab: int = 128,
+    seed: int = 0,
+    shards: int = 2,
+) -> Path:
     """Write a tiny gpt-oss checkpoint in the hub MXFP4 layout (sharded, index, quantization_config,
     original/ + metal/ junk). The config.json is transformers' own (v5 field names) + quantization_config;
     examples/tiny-gpt-oss has the hub's 4.55-era field names instead."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model, hub = make_gpt_oss_model(layers=layers, experts=experts, hidden=hidden, intermediate=intermediate,
-                                    vocab=vocab, seed=seed)
+    model, hub = make_gpt_oss_model(
+        layers=layers, experts=experts, hidden=hidden, intermediate=intermediate, vocab=vocab, seed=seed
+    )
     save_sharded(hub, out, shards)
     model.config.dtype = torch.bfloat16
     model.config.architectures = [type(model).__name__]

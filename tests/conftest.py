@@ -14,9 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 import checkpoints as ck  # tests/ is on sys.path (pytest's rootdir conftest insertion)
+import pytest
 
 _built: dict[str, Path] = {}
 
@@ -61,8 +60,7 @@ def per_expert_dir(request, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def sharded_mixtral_dir(tmp_path_factory) -> Path:
-    return _once(tmp_path_factory, "mixtral_sharded",
-                 lambda d: ck.build_per_expert("mixtral", d, max_shard_size="20KB"))
+    return _once(tmp_path_factory, "mixtral_sharded", lambda d: ck.build_per_expert("mixtral", d, max_shard_size="20KB"))
 
 
 @pytest.fixture(scope="session")

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 
+import checkpoints as ck
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import SafetensorError, safe_open
-
-import checkpoints as ck
 
 # ------------------------------------------------------------------------------------------------
 # reference MXFP4 quantizer
@@ -161,8 +160,9 @@ def test_per_expert_other_dtype(tmp_path):
     assert ck.expert_key("olmoe", 0, 7, "down") in sd and json.loads((out / "config.json").read_text())["dtype"] == "float32"
     model, info = ck.load_model(out)
     ck.assert_clean_load(info)
-    assert torch.equal(ck.model_logits(model), ck.model_logits(ck.make_per_expert_model("olmoe", layers=1, experts=8,
-                                                                                        dtype=torch.float32)))
+    assert torch.equal(
+        ck.model_logits(model), ck.model_logits(ck.make_per_expert_model("olmoe", layers=1, experts=8, dtype=torch.float32))
+    )
 
 
 def test_sharded_per_expert(sharded_mixtral_dir, mixtral_dir):
@@ -218,15 +218,21 @@ def test_gpt_oss_hub_layout(gpt_oss_dir):
             assert (entry["dtype"], entry["shape"]) == (dtype, shape), suffix
     others = {k: v for k, v in headers.items() if ".experts." not in k}
     assert all(v["dtype"] == "BF16" for v in others.values())
-    for k in ("model.layers.0.self_attn.sinks", "model.layers.0.mlp.router.weight", "model.layers.0.mlp.router.bias",
-              "model.layers.0.self_attn.q_proj.bias", "model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
+    for k in (
+        "model.layers.0.self_attn.sinks",
+        "model.layers.0.mlp.router.weight",
+        "model.layers.0.mlp.router.bias",
+        "model.layers.0.self_attn.q_proj.bias",
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.norm.weight",
+    ):
         assert k in others
     config = json.loads((gpt_oss_dir / "config.json").read_text())
     assert config["model_type"] == "gpt_oss" and config["architectures"] == ["GptOssForCausalLM"]
     assert config["quantization_config"] == {
         "quant_method": "mxfp4",
-        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
-                                   "lm_head"],
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"],
     }
 
 

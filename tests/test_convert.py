@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
+from checkpoints import build_per_expert, loading_info, logits
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from moeconv.cli import app
-from checkpoints import build_per_expert, loading_info, logits
 
 FAMILIES = ["qwen3_moe", "mixtral", "olmoe"]
 

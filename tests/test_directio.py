@@ -6,13 +6,11 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from safetensors_bytes import entries, write
 
 from moeconv import directio
 from moeconv.errors import CheckpointError
 from moeconv.source import Checkpoint
-
-from safetensors_bytes import entries, write
-
 
 
 @pytest.fixture

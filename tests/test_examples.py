@@ -37,7 +37,10 @@ def test_there_is_one_recipe_of_each_kind():
 
 
 def plan(source, *recipes, strict=True):
-    loaded = [load_preset(r.removeprefix("preset:")) if r.startswith("preset:") else load_recipe(EXAMPLES / "recipes" / r) for r in recipes]
+    loaded = [
+        load_preset(r.removeprefix("preset:")) if r.startswith("preset:") else load_recipe(EXAMPLES / "recipes" / r)
+        for r in recipes
+    ]
     return build_plan(Checkpoint.open(source), loaded, strict=strict)
 
 
@@ -63,8 +66,10 @@ def test_fuse_up_first_then_unfuse_split_cascade(mixtral_dir):
     fused = plan(mixtral_dir, "fuse-up-first.toml")
     gate_up = fused.tensors["model.layers.0.mlp.experts.gate_up_proj"]
     assert gate_up.shape == (4, 2 * w1[0], w1[1])
-    assert gate_up.sources[:2] == ("model.layers.0.block_sparse_moe.experts.0.w3.weight",
-                                   "model.layers.0.block_sparse_moe.experts.0.w1.weight")  # up rows first
+    assert gate_up.sources[:2] == (
+        "model.layers.0.block_sparse_moe.experts.0.w3.weight",
+        "model.layers.0.block_sparse_moe.experts.0.w1.weight",
+    )  # up rows first
     split = shapes(plan(mixtral_dir, "fuse-up-first.toml", "unfuse-split.toml"))
     assert split["model.layers.0.mlp.experts.gate_proj"] == split["model.layers.0.mlp.experts.up_proj"] == (4, *w1)
     assert split["model.layers.0.mlp.experts.3.down_proj.weight"] == w2
@@ -102,4 +107,9 @@ def test_prebake_workflow_is_valid_and_uses_existing_flags():
     assert hf, "huggingface_hub's `hf` command is not installed"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
     usage = subprocess.run([hf, "upload", "--help"], capture_output=True, text=True, env=env, timeout=120)
-    assert usage.returncode == 0 and "REPO_ID" in usage.stdout and "--repo-type" in usage.stdout and "--commit-message" in usage.stdout
+    assert (
+        usage.returncode == 0
+        and "REPO_ID" in usage.stdout
+        and "--repo-type" in usage.stdout
+        and "--commit-message" in usage.stdout
+    )

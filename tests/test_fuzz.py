@@ -19,12 +19,14 @@ from safetensors.torch import load_file
 
 from moeconv import dtypes
 from moeconv.errors import CheckpointError
-from moeconv.source import Checkpoint, read_header
 from moeconv.format import TensorSpec, layout_shard
+from moeconv.source import Checkpoint, read_header
 from moeconv.writer import ShardWriter
 
 DTYPES = sorted(dtypes.ITEMSIZE)
-keys = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=12).filter(lambda k: k != "__metadata__")
+keys = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=12).filter(
+    lambda k: k != "__metadata__"
+)
 specs = st.dictionaries(
     keys,
     st.tuples(st.sampled_from(DTYPES), st.lists(st.integers(0, 5), max_size=3)),
@@ -69,7 +71,17 @@ def test_what_the_writer_writes_the_reader_reads_back(tmp_path, tensors, meta, a
     path.unlink()
 
 
-TORCH_DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.int64, torch.int32, torch.uint8, torch.int8, torch.bool]
+TORCH_DTYPES = [
+    torch.bfloat16,
+    torch.float16,
+    torch.float32,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.uint8,
+    torch.int8,
+    torch.bool,
+]
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -84,7 +96,9 @@ def test_writer_round_trip_with_row_chunks(tmp_path, shapes, align, rows):
     for i, (dtype, shape) in enumerate(shapes):
         raw = torch.randint(0, 256, (torch.Size(shape).numel() * dtype.itemsize,), dtype=torch.uint8, generator=generator)
         tensors[f"t.{i}"] = raw.view(dtype).reshape(shape) if dtype != torch.bool else (raw % 2).bool().reshape(shape)
-    layout = layout_shard("model.safetensors", [TensorSpec(k, dtypes.to_safetensors(t.dtype), tuple(t.shape)) for k, t in tensors.items()], align)
+    layout = layout_shard(
+        "model.safetensors", [TensorSpec(k, dtypes.to_safetensors(t.dtype), tuple(t.shape)) for k, t in tensors.items()], align
+    )
     with ShardWriter(tmp_path, layout) as writer:
         for spec in layout.order:
             tensor = tensors[spec.key]

@@ -5,10 +5,10 @@ import shutil
 
 import pytest
 import torch
+from checkpoints import dequantized_reference, loading_info, logits, read_checkpoint
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from checkpoints import dequantized_reference, loading_info, logits, read_checkpoint
 from moeconv.cli import app
 
 EXPERTS = "model.layers.{}.mlp.experts.{}"
@@ -151,7 +151,9 @@ def test_fp16_overflow_names_the_tensor_and_leaves_nothing_complete(gpt_oss_mxfp
     tensors[key][0, 0, 0] = 127 + 20  # 2^20: every non-zero value of that block overflows fp16
     save_file(tensors, str(shard), metadata={"format": "pt"})
 
-    result = CliRunner().invoke(app, ["convert", str(source), str(tmp_path / "out"), "--preset", "gpt-oss-bf16", "--dtype", "fp16"])
+    result = CliRunner().invoke(
+        app, ["convert", str(source), str(tmp_path / "out"), "--preset", "gpt-oss-bf16", "--dtype", "fp16"]
+    )
     assert result.exit_code == 1
     line = result.stderr.strip()
     assert "\n" not in line and "Traceback" not in result.output

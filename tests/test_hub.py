@@ -61,7 +61,12 @@ def hf_cache(tmp_path, monkeypatch) -> Path:
     home = tmp_path / "hf-home"
     cache = home / "hub"
     cache.mkdir(parents=True)
-    for name, value in (("HF_HOME", home), ("HF_HUB_CACHE", cache), ("HF_HUB_OFFLINE", "1"), ("HF_ENDPOINT", "http://127.0.0.1:9")):
+    for name, value in (
+        ("HF_HOME", home),
+        ("HF_HUB_CACHE", cache),
+        ("HF_HUB_OFFLINE", "1"),
+        ("HF_ENDPOINT", "http://127.0.0.1:9"),
+    ):
         monkeypatch.setenv(name, str(value))
     # huggingface_hub reads these at import: patch what its code actually consults.
     monkeypatch.setattr(constants, "HF_HOME", str(home))
@@ -142,7 +147,9 @@ def test_an_existing_local_path_wins_over_a_repo_id(hf_cache, mixtral_dir, tmp_p
     shutil.copytree(mixtral_dir, tmp_path / "acme" / "mixtral")
     result = convert("acme/mixtral", tmp_path / "out", "-p", "fuse-experts", "--dry-run", "--json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["source"] == "acme/mixtral"  # the local path as given; a repo would be "acme/mixtral@<commit>"
+    assert (
+        json.loads(result.stdout)["source"] == "acme/mixtral"
+    )  # the local path as given; a repo would be "acme/mixtral@<commit>"
 
 
 def test_low_disk_and_revision_are_refused_on_local_folders(mixtral_dir, tmp_path):
@@ -212,12 +219,19 @@ def repo_metadata(folder: Path) -> tuple[ModelInfo, SafetensorsRepoMetadata]:
         header = json.loads(shard.read_bytes()[8 : 8 + length])
         files_metadata[shard.name] = SafetensorsFileMetadata(
             metadata=header.pop("__metadata__", {}),
-            tensors={k: TensorInfo(dtype=v["dtype"], shape=v["shape"], data_offsets=tuple(v["data_offsets"])) for k, v in header.items()},
+            tensors={
+                k: TensorInfo(dtype=v["dtype"], shape=v["shape"], data_offsets=tuple(v["data_offsets"]))
+                for k, v in header.items()
+            },
         )
     index = json.loads((folder / INDEX_NAME).read_text())
-    siblings = [{"rfilename": str(p.relative_to(folder)), "size": p.stat().st_size} for p in sorted(folder.rglob("*")) if p.is_file()]
+    siblings = [
+        {"rfilename": str(p.relative_to(folder)), "size": p.stat().st_size} for p in sorted(folder.rglob("*")) if p.is_file()
+    ]
     info = ModelInfo(id=REPO, sha=COMMIT_A, siblings=siblings)
-    metadata = SafetensorsRepoMetadata(metadata=index.get("metadata"), sharded=True, weight_map=index["weight_map"], files_metadata=files_metadata)
+    metadata = SafetensorsRepoMetadata(
+        metadata=index.get("metadata"), sharded=True, weight_map=index["weight_map"], files_metadata=files_metadata
+    )
     return info, metadata
 
 
@@ -307,6 +321,7 @@ def test_missing_or_gated_repo_is_one_line_error(hf_cache, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     response = httpx2.Response(401, request=httpx2.Request("GET", "http://127.0.0.1:9/api/models/acme/x"))
     for error, words in ((RepositoryNotFoundError, "no such repo on the hub, or it is private"), (GatedRepoError, "gated repo")):
+
         def model_info(self, *a, _error=error, **kw):
             raise _error("multi\nline\nmessage", response=response)
 

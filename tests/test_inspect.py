@@ -5,11 +5,11 @@ import struct
 from pathlib import Path
 
 import pytest
+import safetensors_bytes as sb
 import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-import safetensors_bytes as sb
 from moeconv.cli import app
 from moeconv.keys import natural_key
 
@@ -27,7 +27,9 @@ def sharded(tmp_path) -> tuple[Path, dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
     tensors: dict[str, torch.Tensor] = {}
     for i in range(LAYERS):
-        tensors[f"model.layers.{i}.mlp.experts.down_proj_blocks"] = torch.randint(0, 256, (2, 4, 1, 16), generator=g, dtype=torch.uint8)
+        tensors[f"model.layers.{i}.mlp.experts.down_proj_blocks"] = torch.randint(
+            0, 256, (2, 4, 1, 16), generator=g, dtype=torch.uint8
+        )
         rows = 3 if i == LAYERS - 1 else 2
         tensors[f"model.layers.{i}.mlp.router.weight"] = torch.randn(rows, 5, generator=g).to(torch.bfloat16)
         tensors[f"model.layers.{i}.mlp.router.bias"] = torch.randn(3, generator=g).to(torch.bfloat16)  # 6 B: misaligns
@@ -93,7 +95,10 @@ def test_human_view_collapses_and_counts(sharded):
     assert row_of(out, "model.layers.{0...23}.mlp.router.bias").split()[-1] == f"{aligned(bias)}/24"
 
     total = sum(len(raw(t)) for t in tensors.values())
-    assert f"total: {len(tensors)} tensors," in out and f"({total} bytes), 3 files, {aligned(tensors)}/{len(tensors)} 16-byte aligned" in out
+    assert (
+        f"total: {len(tensors)} tensors," in out
+        and f"({total} bytes), 3 files, {aligned(tensors)}/{len(tensors)} 16-byte aligned" in out
+    )
     u8 = sum(len(raw(t)) for t in tensors.values() if t.dtype == torch.uint8)
     assert row_of(out, "U8").split()[1] == str(LAYERS) and f"({u8})" in row_of(out, "U8")
 

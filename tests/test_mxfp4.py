@@ -18,8 +18,8 @@ import torch
 from transformers.integrations.mxfp4 import _convert_moe_packed_tensors
 
 from moeconv import ops
-from moeconv.formats import mxfp4
 from moeconv.errors import OpError
+from moeconv.formats import mxfp4
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 INT_OF = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
@@ -93,7 +93,11 @@ def test_every_byte_and_scale_matches_transformers_fp16():
             with pytest.raises(OpError, match=f"overflow fp16.*scale byte {s} = 2\\^{s - 127}"):
                 mxfp4.dequantize(torch.full((1, 1, 16), b, dtype=torch.uint8), sc[:, :1], dtype=torch.float16)
         with pytest.raises(OpError, match="overflow fp16"):
-            mxfp4.dequantize(bad.view(1, -1, 1).expand(-1, -1, 16).contiguous(), torch.full((1, bad.numel()), s, dtype=torch.uint8), dtype=torch.float16)
+            mxfp4.dequantize(
+                bad.view(1, -1, 1).expand(-1, -1, 16).contiguous(),
+                torch.full((1, bad.numel()), s, dtype=torch.uint8),
+                dtype=torch.float16,
+            )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16", "fp32"])
@@ -172,7 +176,9 @@ def test_meta_device_shape_inference():
     for name, dtype in [("bf16", torch.bfloat16), ("fp16", torch.float16), ("float32", torch.float32)]:
         (out,) = ops.apply("dequantize-mxfp4", [blocks, scales], {"dtype": name})
         assert out.is_meta and out.shape == (32, 5760, 2880) and out.dtype == dtype
-    assert ops.infer("dequantize-mxfp4", [("U8", (128, 2880, 90, 16)), ("U8", (128, 2880, 90))], {}) == [("BF16", (128, 2880, 2880))]
+    assert ops.infer("dequantize-mxfp4", [("U8", (128, 2880, 90, 16)), ("U8", (128, 2880, 90))], {}) == [
+        ("BF16", (128, 2880, 2880))
+    ]
 
 
 def test_input_errors():
@@ -204,7 +210,9 @@ def bench() -> None:
             t = time.perf_counter()
             mxfp4.dequantize(blocks, scales, dtype=dtype, out=buffer)
             warm = time.perf_counter() - t
-            print(f"{str(dtype):15s} new output {n / fresh:.2e} elem/s ({fresh:.2f} s)   into a reused buffer {n / warm:.2e} elem/s ({warm:.2f} s)")
+            print(
+                f"{str(dtype):15s} new output {n / fresh:.2e} elem/s ({fresh:.2f} s)   into a reused buffer {n / warm:.2e} elem/s ({warm:.2f} s)"
+            )
         del buffer
     small = (blocks[:2], scales[:2])
     t = time.perf_counter()

@@ -111,8 +111,13 @@ def tensors(draw, min_dims=1, max_dims=4, even_dim=None):
         shape[dim] *= 2
     dtype = draw(st.sampled_from([torch.bfloat16, torch.float16, torch.float32, torch.uint8]))
     seed = draw(st.integers(0, 2**16))
-    raw = torch.randint(0, 256, (max(1, torch.Size(shape).numel()) * dtype.itemsize,), dtype=torch.uint8,
-                        generator=torch.Generator().manual_seed(seed))
+    raw = torch.randint(
+        0,
+        256,
+        (max(1, torch.Size(shape).numel()) * dtype.itemsize,),
+        dtype=torch.uint8,
+        generator=torch.Generator().manual_seed(seed),
+    )
     x = raw.view(dtype)[: torch.Size(shape).numel()].view(shape)  # arbitrary bit patterns, NaNs included
     return x, dim
 
@@ -236,7 +241,11 @@ def test_every_shape_rule_equals_its_kernel_on_random_shapes(shape, data):
         ("deinterleave", [torch.randn(even).to(torch.float16)], {"dim": dim}),
         ("interleave", [torch.randn(even)], {"dim": dim, "order": "up-first"}),
         ("cast", [x], {"dtype": "fp32"}),
-        ("dequantize-mxfp4", [torch.randint(0, 256, (*shape, 16), dtype=torch.uint8), torch.full(shape, 127, dtype=torch.uint8)], {"dtype": "fp16"}),
+        (
+            "dequantize-mxfp4",
+            [torch.randint(0, 256, (*shape, 16), dtype=torch.uint8), torch.full(shape, 127, dtype=torch.uint8)],
+            {"dtype": "fp16"},
+        ),
     ]
     for name, inputs, params in cases:
         outputs = ops.apply(name, inputs, params)
@@ -247,10 +256,20 @@ def test_every_shape_rule_equals_its_kernel_on_random_shapes(shape, data):
 @pytest.mark.parametrize(
     "name, specs, params, message",
     [
-        ("concat", [(torch.bfloat16, (4, 8)), (torch.bfloat16, (4, 6))], {"dim": 0}, r"concat: inputs differ in dim 1: \[4, 8\] vs \[4, 6\]"),
+        (
+            "concat",
+            [(torch.bfloat16, (4, 8)), (torch.bfloat16, (4, 6))],
+            {"dim": 0},
+            r"concat: inputs differ in dim 1: \[4, 8\] vs \[4, 6\]",
+        ),
         ("concat", [(torch.bfloat16, (4, 8)), (torch.float16, (4, 8))], {"dim": 0}, "concat: inputs differ in dtype"),
         ("concat", [(torch.bfloat16, (4, 8)), (torch.bfloat16, (4, 8, 1))], {"dim": 0}, "concat: inputs differ in rank"),
-        ("split", [(torch.bfloat16, (5, 8))], {"dim": 0, "parts": 2}, "split: dim 0 of \\[5, 8\\] has size 5, not divisible into 2"),
+        (
+            "split",
+            [(torch.bfloat16, (5, 8))],
+            {"dim": 0, "parts": 2},
+            "split: dim 0 of \\[5, 8\\] has size 5, not divisible into 2",
+        ),
         ("split", [(torch.bfloat16, (4, 8))], {"dim": 2}, "split: dim 2 is out of range for a 2-d tensor"),
         ("stack", [(torch.bfloat16, (2, 3)), (torch.bfloat16, (2, 4))], {}, "stack: inputs differ in dim 1"),
         ("transpose", [(torch.bfloat16, (2, 3))], {"dim0": 0, "dim1": -3}, "transpose: dim1 -3 is out of range"),
@@ -280,6 +299,7 @@ def row_map(name: str, params: dict, ndim: int, n: int = 1, dtype: str = "BF16")
     else:
         specs = [(dtype, shape)] * n
     return ops.get_op(name).rows(ops.check_params(name, params), specs, 0)
+
 
 SLICE_CASES = [
     ("concat", 2, {"dim": 1}, 2),
@@ -381,7 +401,11 @@ def test_check_params_fills_defaults():
         ("transpose", {"dim0": "1", "dim1": 2}, ["parameter 'dim0' must be an int", "'1'"]),
         ("split", {"parts": 2.0}, ["parameter 'parts' must be an int"]),
         ("split", {"dim": True}, ["parameter 'dim' must be an int", "True"]),
-        ("deinterleave", {"dim": 1, "order": "gate_first"}, ["parameter 'order' must be one of gate-first, up-first", "'gate_first'"]),
+        (
+            "deinterleave",
+            {"dim": 1, "order": "gate_first"},
+            ["parameter 'order' must be one of gate-first, up-first", "'gate_first'"],
+        ),
         ("cast", {"dtype": "int8"}, ["parameter 'dtype' must be one of", "bf16", "fp16", "fp32", "'int8'"]),
         ("dequantize-mxfp4", {"dtype": ["bf16"]}, ["parameter 'dtype' must be one of"]),
     ],

@@ -1,7 +1,6 @@
 """The executor's pipelining must be invisible in the output: several compute threads and any
 chunk size give the same bytes, errors and report."""
 
-import ctypes
 import json
 import os
 import shutil
@@ -47,7 +46,9 @@ def test_an_error_in_a_compute_thread_is_the_usual_one_line_error(gpt_oss_mxfp4_
     monkeypatch.setenv("MOECONV_CHUNK_BYTES", "4096")
     source = tmp_path / "src"
     shutil.copytree(gpt_oss_mxfp4_dir, source)
-    shard = next(path for path in sorted(source.glob("*.safetensors")) if any(k.endswith("down_proj_scales") for k in load_file(path)))
+    shard = next(
+        path for path in sorted(source.glob("*.safetensors")) if any(k.endswith("down_proj_scales") for k in load_file(path))
+    )
     tensors = load_file(shard)
     key = next(k for k in tensors if k.endswith("down_proj_scales"))
     tensors[key] = torch.full_like(tensors[key], 127 + 20)  # 2**20 * 6: far beyond fp16
@@ -62,7 +63,9 @@ def test_an_error_in_a_compute_thread_is_the_usual_one_line_error(gpt_oss_mxfp4_
 
 def test_convert_writes_the_same_report_as_the_dry_run_shows(gpt_oss_mxfp4_dir, tmp_path):
     runner = CliRunner()
-    dry = runner.invoke(app, ["convert", str(gpt_oss_mxfp4_dir), str(tmp_path / "out"), "-p", "gpt-oss-bf16", "--dry-run", "--json"])
+    dry = runner.invoke(
+        app, ["convert", str(gpt_oss_mxfp4_dir), str(tmp_path / "out"), "-p", "gpt-oss-bf16", "--dry-run", "--json"]
+    )
     assert dry.exit_code == 0, dry.output
     done = runner.invoke(app, ["convert", str(gpt_oss_mxfp4_dir), str(tmp_path / "out"), "-p", "gpt-oss-bf16"])
     assert done.exit_code == 0, done.output
@@ -94,8 +97,20 @@ def test_the_data_path_does_not_wait_for_the_load_report(gpt_oss_mxfp4_dir, tmp_
 def test_a_real_process_prints_all_its_json_and_exits_0(gpt_oss_mxfp4_dir, tmp_path):
     """stdout is complete on a pipe, and the report computed beside the data path is in the output."""
     proc = subprocess.run(
-        [sys.executable, "-m", "moeconv", "convert", str(gpt_oss_mxfp4_dir), str(tmp_path / "out"), "-p", "gpt-oss-bf16", "--json"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "moeconv",
+            "convert",
+            str(gpt_oss_mxfp4_dir),
+            str(tmp_path / "out"),
+            "-p",
+            "gpt-oss-bf16",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     printed = json.loads(proc.stdout)

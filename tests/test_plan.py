@@ -17,7 +17,7 @@ from moeconv.plan import build_plan
 from moeconv.recipe import load_preset, parse_recipe
 from moeconv.source import Checkpoint
 
-E, I, H = 4, 6, 8
+E, I, H = 4, 6, 8  # noqa: E741  (the papers' names: experts, intermediate, hidden)
 
 
 def make_mixtral_like(folder, *, experts=E, layers=2, config=None, skip=()):
@@ -51,7 +51,10 @@ def test_fuse_plan_is_exact_and_output_matches_torch(tmp_path):
     assert plan.tensors["model.layers.0.mlp.experts.down_proj"].shape == (E, H, I)
     assert "model.layers.0.mlp.gate.weight" in plan.tensors  # block_sparse_moe renamed
     assert not any("block_sparse_moe" in key for key in plan.tensors)
-    assert fused.sources[:2] == ("model.layers.1.block_sparse_moe.experts.0.w1.weight", "model.layers.1.block_sparse_moe.experts.0.w3.weight")
+    assert fused.sources[:2] == (
+        "model.layers.1.block_sparse_moe.experts.0.w1.weight",
+        "model.layers.1.block_sparse_moe.experts.0.w3.weight",
+    )
 
     execute(plan, tmp_path / "out")
     out = load_file(str(tmp_path / "out" / "model.safetensors"))
@@ -112,7 +115,10 @@ target = "{p}.experts.gate_up_proj_t"
 
 
 def test_missing_expert_is_named_with_the_expected_count(tmp_path):
-    make_mixtral_like(tmp_path / "src", skip=["model.layers.1.block_sparse_moe.experts.2.w1.weight", "model.layers.1.block_sparse_moe.experts.2.w3.weight"])
+    make_mixtral_like(
+        tmp_path / "src",
+        skip=["model.layers.1.block_sparse_moe.experts.2.w1.weight", "model.layers.1.block_sparse_moe.experts.2.w3.weight"],
+    )
     with pytest.raises(PlanError) as caught:
         plan_for(tmp_path / "src", load_preset("fuse-experts"))
     message = str(caught.value)
@@ -127,9 +133,13 @@ def test_two_keys_naming_one_expert_are_refused(tmp_path):
     with safe_open(str(tmp_path / "src" / "model.safetensors"), "pt") as f:
         tensors = {key: f.get_tensor(key) for key in f.keys()}
     for name in ("w1", "w2", "w3"):
-        tensors[f"model.layers.0.block_sparse_moe.experts.03.{name}.weight"] = tensors[f"model.layers.0.block_sparse_moe.experts.3.{name}.weight"].clone()
+        tensors[f"model.layers.0.block_sparse_moe.experts.03.{name}.weight"] = tensors[
+            f"model.layers.0.block_sparse_moe.experts.3.{name}.weight"
+        ].clone()
     save_file(tensors, str(tmp_path / "src" / "model.safetensors"))
-    with pytest.raises(PlanError, match=r"'model.layers.0.block_sparse_moe.experts.3.w1.weight' and '.*experts.03.w1.weight' are both expert 3"):
+    with pytest.raises(
+        PlanError, match=r"'model.layers.0.block_sparse_moe.experts.3.w1.weight' and '.*experts.03.w1.weight' are both expert 3"
+    ):
         plan_for(tmp_path / "src", load_preset("fuse-experts"))
 
 
@@ -138,8 +148,12 @@ def test_non_ascii_digits_are_not_expert_numbers(tmp_path):
     make_mixtral_like(tmp_path / "src")
     with safe_open(str(tmp_path / "src" / "model.safetensors"), "pt") as f:
         tensors = {key: f.get_tensor(key) for key in f.keys()}
-    tensors["model.layers.0.block_sparse_moe.experts.٣.w1.weight"] = tensors.pop("model.layers.0.block_sparse_moe.experts.3.w1.weight")
-    tensors["model.layers.0.block_sparse_moe.experts.٣.w3.weight"] = tensors.pop("model.layers.0.block_sparse_moe.experts.3.w3.weight")
+    tensors["model.layers.0.block_sparse_moe.experts.٣.w1.weight"] = tensors.pop(
+        "model.layers.0.block_sparse_moe.experts.3.w1.weight"
+    )
+    tensors["model.layers.0.block_sparse_moe.experts.٣.w3.weight"] = tensors.pop(
+        "model.layers.0.block_sparse_moe.experts.3.w3.weight"
+    )
     save_file(tensors, str(tmp_path / "src" / "model.safetensors"))
     with pytest.raises(PlanError, match="group 'expert' must be a number, got '٣'"):
         plan_for(tmp_path / "src", load_preset("fuse-experts"))
@@ -162,7 +176,10 @@ target = "model.layers.0.block_sparse_moe.gate.weight"
 """,
         "clash.toml",
     )
-    with pytest.raises(PlanError, match=r"clash.toml: rule 'clash' writes 'model.layers.0.block_sparse_moe.gate.weight', which the source already provides"):
+    with pytest.raises(
+        PlanError,
+        match=r"clash.toml: rule 'clash' writes 'model.layers.0.block_sparse_moe.gate.weight', which the source already provides",
+    ):
         plan_for(tmp_path / "src", clash)
 
 
@@ -227,10 +244,15 @@ def test_dry_run_reads_no_tensor_data_and_creates_nothing(tmp_path, monkeypatch)
     monkeypatch.setattr("safetensors.safe_open", refuse)
     monkeypatch.setattr(graph.SourceNode, "rows", refuse)
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["convert", str(tmp_path / "src"), str(out), "--preset", "fuse-experts", "--dry-run", "--json"])
+    result = CliRunner().invoke(
+        app, ["convert", str(tmp_path / "src"), str(out), "--preset", "fuse-experts", "--dry-run", "--json"]
+    )
     assert result.exit_code == 0, result.output
     planned = json.loads(result.stdout)
-    assert {t["key"] for t in planned["tensors"]} >= {"model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"}
+    assert {t["key"] for t in planned["tensors"]} >= {
+        "model.layers.0.mlp.experts.gate_up_proj",
+        "model.layers.1.mlp.experts.down_proj",
+    }
     assert not out.exists()
 
 
@@ -240,7 +262,9 @@ def test_chunk_that_disagrees_with_plan_is_reported_as_a_bug(tmp_path, monkeypat
     node = plan.tensors["model.layers.0.mlp.experts.down_proj"].node
     monkeypatch.setattr(node, "copies_bytes", False)  # through torch, as an op that computes would be
     monkeypatch.setattr(node, "rows", lambda a, b: torch.zeros(b - a, H, I + 1, dtype=torch.bfloat16))
-    with pytest.raises(InternalError, match=r"rule 'mixtral down' produced .* for 'model.layers.0.mlp.experts.down_proj'.*moeconv bug"):
+    with pytest.raises(
+        InternalError, match=r"rule 'mixtral down' produced .* for 'model.layers.0.mlp.experts.down_proj'.*moeconv bug"
+    ):
         execute(plan, tmp_path / "out")
     assert not (tmp_path / "out" / "moeconv-report.json").exists()
     assert not list((tmp_path / "out").glob("*.safetensors"))
@@ -272,7 +296,11 @@ def test_companion_files_are_copied_but_not_subfolders(tmp_path):
     assert plan.companion_files == ["chat_template.jinja", "tokenizer_config.json"]
     execute(plan, tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "chat_template.jinja", "config.json", "model.safetensors", "moeconv-report.json", "tokenizer_config.json"
+        "chat_template.jinja",
+        "config.json",
+        "model.safetensors",
+        "moeconv-report.json",
+        "tokenizer_config.json",
     ]
 
 

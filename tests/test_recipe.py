@@ -57,12 +57,18 @@ def test_regex_that_does_not_compile():
     [
         (lambda t: t.replace('target = "{p}.weight_t"', ""), "field 'target' is required"),
         (lambda t: t.replace('name = "swap"', 'nmae = "swap"'), "unknown field 'nmae'"),
-        (lambda t: t + "group = 'p'\n", "needs exactly one { op = \"stack\" }"),
+        (lambda t: t + "group = 'p'\n", 'needs exactly one { op = "stack" }'),
         (lambda t: t.replace("ops = [", 'ops = [{ op = "stack" }, '), "op 'stack' needs the rule's 'group' field"),
-        (lambda t: t.replace("match = '(?P<p>.+)\\.weight'", "inputs = { a = '(?P<p>.+)', b = '(?P<q>.+)' }"), "same named groups"),
+        (
+            lambda t: t.replace("match = '(?P<p>.+)\\.weight'", "inputs = { a = '(?P<p>.+)', b = '(?P<q>.+)' }"),
+            "same named groups",
+        ),
         (lambda t: t + "drop = true\n", "drop = true takes no 'target' or 'ops'"),
         (lambda t: t + "count = 8\n", "'count' only goes with 'group'"),
-        (lambda t: t.replace('{ op = "transpose", dim0 = 0, dim1 = 1 }', '{ op = "transpose", dim0 = 0, dim1 = 1, as = "x" }'), "'as' and 'names' only go with"),
+        (
+            lambda t: t.replace('{ op = "transpose", dim0 = 0, dim1 = 1 }', '{ op = "transpose", dim0 = 0, dim1 = 1, as = "x" }'),
+            "'as' and 'names' only go with",
+        ),
     ],
 )
 def test_rule_field_errors(change, expected):
@@ -101,7 +107,14 @@ target = "{p}.{part}"
 
 def test_every_preset_parses_and_shows():
     names = preset_names()
-    assert {"fuse-experts", "unfuse-experts", "gpt-oss-bf16", "gpt-oss-deinterleaved", "gpt-oss-out-in", "gpt-oss-mxfp4-deinterleaved"} <= set(names)
+    assert {
+        "fuse-experts",
+        "unfuse-experts",
+        "gpt-oss-bf16",
+        "gpt-oss-deinterleaved",
+        "gpt-oss-out-in",
+        "gpt-oss-mxfp4-deinterleaved",
+    } <= set(names)
     runner = CliRunner()
     listing = runner.invoke(app, ["presets"])
     assert listing.exit_code == 0
@@ -126,6 +139,6 @@ def test_ops_listing_names_every_op_with_its_parameters_and_inverse():
 
     result = CliRunner().invoke(app, ["ops"])
     assert result.exit_code == 0
-    for name, op in OPS.items():
+    for op in OPS.values():
         assert op.signature() in result.stdout
     assert "transpose(x: torch.Tensor, *, dim0: int, dim1: int) -> torch.Tensor  (inverse: transpose)" in result.stdout

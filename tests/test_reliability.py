@@ -20,15 +20,15 @@ import time
 from pathlib import Path
 
 import pytest
+import safetensors_bytes as sb
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-import safetensors_bytes as sb
 from moeconv.cli import app
 from moeconv.errors import WriteError
 from moeconv.execute import _BackgroundWriter
-from moeconv.output import JOURNAL_NAME, REPORT_NAME
 from moeconv.format import INDEX_NAME
+from moeconv.output import JOURNAL_NAME, REPORT_NAME
 from moeconv.writer import ShardWriter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -286,16 +286,6 @@ def test_out_not_empty_refused_unless_overwrite(single, tmp_path):
     assert (out / REPORT_NAME).exists()
 
 
-
-
-
-
-
-
-
-
-
-
 def test_overwrite_replaces_the_old_shards_and_leftovers(single, tmp_path):
     """The old report and index go first, then every old shard and temp file: the new output is
     whole and nothing of the old one is left beside it."""
@@ -416,7 +406,10 @@ def test_file_size_limit_in_a_real_process(single, tmp_path):
 
     proc = subprocess.run(
         [sys.executable, "-m", "moeconv", "convert", str(single), str(out), "-p", "fuse-experts"],
-        capture_output=True, text=True, preexec_fn=limit, timeout=300,
+        capture_output=True,
+        text=True,
+        preexec_fn=limit,
+        timeout=300,
     )
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -429,7 +422,9 @@ def test_hostile_input_in_a_real_process_has_no_traceback(sharded, tmp_path):
     name, _ = _truncate(sharded)
     proc = subprocess.run(
         [sys.executable, "-m", "moeconv", "convert", str(sharded), str(tmp_path / "out"), "-p", "fuse-experts"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     (line,) = proc.stderr.strip().splitlines()
@@ -443,8 +438,23 @@ def start_slow(src: Path, out: Path, *extra: str) -> subprocess.Popen:
     """A real conversion slowed to ~one 64-byte row per 20 ms, so it is mid-write for seconds."""
     env = {**os.environ, "MOECONV_CHUNK_BYTES": "64", "MOECONV_CHUNK_DELAY": "0.02"}
     return subprocess.Popen(
-        [sys.executable, "-m", "moeconv", "convert", str(src), str(out), "-p", "fuse-experts", "--max-shard-size", "20KB", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "moeconv",
+            "convert",
+            str(src),
+            str(out),
+            "-p",
+            "fuse-experts",
+            "--max-shard-size",
+            "20KB",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
         # A test run started in the background (`cmd &` in a script) ignores SIGINT, and so would this
         # child, as Unix intends: give it the default, as from a terminal.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),

@@ -2,8 +2,6 @@
 meta models and save_pretrained files, never from moeconv.report."""
 
 import json
-import os
-import subprocess
 import sys
 import time
 
@@ -26,13 +24,20 @@ from moeconv.report import (  # noqa: E402
 )
 
 SMALL = dict(
-    hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    hidden_size=64,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
     vocab_size=128,
 )
 MXFP4 = {
     "quant_method": "mxfp4",
     "modules_to_not_convert": [
-        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head",
+        "model.layers.*.self_attn",
+        "model.layers.*.mlp.router",
+        "model.embed_tokens",
+        "lm_head",
     ],
 }
 
@@ -153,9 +158,7 @@ def test_a_changed_shape_is_mismatched_with_both_shapes():
     key = "model.layers.1.mlp.experts.gate_up_proj"
     planned[key] = ("BF16", (4, 64, 32))  # model: [E, H, 2I] = [4, 64, 64]
     report = check_load(planned, config)
-    assert report.mismatched == [
-        Mismatch(key, {"shape": [4, 64, 64], "dtype": "F32"}, {"shape": [4, 64, 32], "dtype": "BF16"})
-    ]
+    assert report.mismatched == [Mismatch(key, {"shape": [4, 64, 64], "dtype": "F32"}, {"shape": [4, 64, 32], "dtype": "BF16"})]
     assert report.missing == [] and report.unexpected == []
 
 
@@ -293,24 +296,6 @@ def test_no_config_is_not_checked():
 # --- in the background (a conversion overlaps it with its data path) -----------------------------
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 # --- rendering and json ---------------------------------------------------------------------------
 
 
@@ -362,8 +347,15 @@ def test_to_json_is_json():
 
 def test_gpt_oss_120b_shaped_config_is_checked_in_seconds():
     config = GptOssConfig(
-        num_hidden_layers=36, num_local_experts=128, hidden_size=2880, intermediate_size=2880, vocab_size=201088,
-        head_dim=64, num_attention_heads=64, num_key_value_heads=8, dtype="bfloat16",
+        num_hidden_layers=36,
+        num_local_experts=128,
+        hidden_size=2880,
+        intermediate_size=2880,
+        vocab_size=201088,
+        head_dim=64,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        dtype="bfloat16",
     ).to_dict()
     config["quantization_config"] = dict(MXFP4)
     start = time.perf_counter()

@@ -6,10 +6,10 @@ import struct
 from pathlib import Path
 
 import pytest
+import safetensors_bytes as sb
 import torch
 from safetensors.torch import save_file
 
-import safetensors_bytes as sb
 from moeconv.errors import CheckpointError
 from moeconv.format import HEADER_CAP
 from moeconv.source import Checkpoint, read_header
@@ -371,7 +371,9 @@ def test_bad_config_json(tmp_path):
     assert "config.json" in message and "not valid JSON" in message
 
 
-@pytest.mark.parametrize("text, problem", [("{oops", "not valid JSON"), ('{"metadata": {}}', 'no "weight_map"'), ("[]", 'no "weight_map"')])
+@pytest.mark.parametrize(
+    "text, problem", [("{oops", "not valid JSON"), ('{"metadata": {}}', 'no "weight_map"'), ("[]", 'no "weight_map"')]
+)
 def test_index_not_json_or_no_weight_map(tmp_path, text, problem):
     _sharded(tmp_path)
     (tmp_path / "model.safetensors.index.json").write_text(text)
@@ -445,8 +447,10 @@ def test_shard_key_not_in_index(tmp_path):
 
 def test_same_key_in_two_shards(tmp_path):
     _sharded(tmp_path)
-    save_file({"model.layers.0.w": torch.zeros(2, 3), "model.layers.1.w": torch.ones(2, 3)},
-              tmp_path / "model-00002-of-00002.safetensors")
+    save_file(
+        {"model.layers.0.w": torch.zeros(2, 3), "model.layers.1.w": torch.ones(2, 3)},
+        tmp_path / "model-00002-of-00002.safetensors",
+    )
     _edit_index(tmp_path, lambda wm: wm.pop("model.layers.3.w"))
     message = error_of(tmp_path)
     assert '"model.layers.1.w"' in message or '"model.layers.0.w"' in message

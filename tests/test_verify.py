@@ -199,10 +199,10 @@ def test_experts_bigger_than_a_chunk_are_written_and_verified_in_parts(out, shar
     (never whole); the bytes equal the one-chunk-per-expert output, and verify in such slices still
     names the expert (axis-0 row) of a flipped byte."""
     from moeconv.execute import execute
-    from moeconv.stream import chunks
     from moeconv.plan import build_plan
     from moeconv.recipe import load_preset
     from moeconv.source import Checkpoint
+    from moeconv.stream import chunks
 
     plan = build_plan(Checkpoint.open(sharded_mixtral_dir), [load_preset("fuse-experts")], max_shard_size=20_000)
     gate_up = next(t for t in plan.tensors.values() if t.key.endswith("layers.0.mlp.experts.gate_up_proj"))

@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 
 from moeconv.dtypes import to_safetensors
 from moeconv.errors import InternalError, WriteError
+from moeconv.format import TensorSpec, layout_shard, plan_shards, shard_names, split_shards
 from moeconv.keys import natural_key
 from moeconv.source import Checkpoint, read_header
-from moeconv.format import TensorSpec, layout_shard, plan_shards, shard_names, split_shards
 from moeconv.writer import ShardWriter, atomic_write_bytes, write_index
 
 
@@ -47,7 +47,7 @@ def write_shard(out_dir: Path, layout, tensors, chunker=None) -> Path:
     with ShardWriter(out_dir, layout) as writer:
         for spec in layout.order:
             data = tensors[spec.key]
-            for chunk in (chunker(data) if chunker else [data]):
+            for chunk in chunker(data) if chunker else [data]:
                 writer.write(spec.key, chunk)
         return writer.finish()
 
@@ -259,7 +259,7 @@ def test_sharded_write_index_and_reader(tmp_path):
     tensors["model.layers.3.b"] = torch.arange(7, dtype=torch.uint8)
     specs = [spec_of(k, v) for k, v in sorted(tensors.items(), key=lambda kv: natural_key(kv[0]))]
     layouts = plan_shards(specs, max_shard_size=100, align=64)
-    assert [l.name for l in layouts] == shard_names(len(layouts)) and len(layouts) > 2
+    assert [layout.name for layout in layouts] == shard_names(len(layouts)) and len(layouts) > 2
     for layout in layouts:
         write_shard(tmp_path, layout, tensors)
     index_path = write_index(tmp_path, layouts)
@@ -268,18 +268,18 @@ def test_sharded_write_index_and_reader(tmp_path):
     index = json.loads(text)
     assert index["metadata"] == {"total_size": sum(len(raw(t)) for t in tensors.values())}
     assert list(index["weight_map"]) == sorted(tensors)
-    assert index["weight_map"] == {s.key: l.name for l in layouts for s in l.order}
+    assert index["weight_map"] == {s.key: layout.name for layout in layouts for s in layout.order}
     assert text == json.dumps(index, indent=2, sort_keys=True) + "\n"
     assert sorted(os.listdir(tmp_path)) == sorted([*shard_names(len(layouts)), "model.safetensors.index.json"])
     with Checkpoint.open(tmp_path) as ckpt:
         for key, tensor in tensors.items():
             assert torch.equal(ckpt.read(key), tensor)
-            assert ckpt.tensors[key].begin == next(l.offsets[key] for l in layouts if key in l.offsets)
+            assert ckpt.tensors[key].begin == next(layout.offsets[key] for layout in layouts if key in layout.offsets)
 
 
 def test_no_index_for_one_shard(tmp_path):
     layouts = plan_shards([u8("a", 3)], max_shard_size=10**9)
-    assert [l.name for l in layouts] == ["model.safetensors"]
+    assert [layout.name for layout in layouts] == ["model.safetensors"]
     assert write_index(tmp_path, layouts) is None
     assert os.listdir(tmp_path) == []
 
@@ -374,7 +374,8 @@ def test_exception_in_with_block_leaves_nothing(tmp_path):
 def test_an_interrupt_while_the_writer_is_made_leaves_nothing(tmp_path, monkeypatch, stage):
     """Ctrl-C between the temp file's creation and the caller's `with`: no writer to close, so the
     constructor must remove the file itself (a conversion interrupted as it opened a shard left it)."""
-    from moeconv import directio, writer as writer_module
+    from moeconv import directio
+    from moeconv import writer as writer_module
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt

@@ -146,7 +146,9 @@ def _shape(specs: list[ops.Spec], *, dtype: str) -> list[ops.Spec]:
     if len(blocks) < 2 or blocks[-1] != 16:
         raise OpError(f"dequantize-mxfp4: blocks must be [..., G, 16], got {list(blocks)}")
     if blocks[:-1] != scales:
-        raise OpError(f"dequantize-mxfp4: scales {list(scales)} must equal blocks' shape without the last dim {list(blocks[:-1])}")
+        raise OpError(
+            f"dequantize-mxfp4: scales {list(scales)} must equal blocks' shape without the last dim {list(blocks[:-1])}"
+        )
     return [(dtype, blocks[:-2] + (blocks[-2] * 32,))]
 
 
