@@ -6,7 +6,7 @@ copying the tensors that need no op while torch is still being imported (see exe
 from moeconv.errors import MoeconvError
 
 # safetensors name -> bytes per element. Only byte-sized element types: sub-byte names (F4, F6_*)
-# are refused by the reader rather than guessed at. MXFP4 is written as U8 (see DESIGN.md).
+# are refused by the reader rather than guessed at. MXFP4 is written as U8 (F4 and F8_E8M0 names exist only in newer safetensors).
 ITEMSIZE: dict[str, int] = {
     "BOOL": 1,
     "U8": 1,

@@ -5,7 +5,7 @@ Dequantization: U8 blocks [..., G, 16] + U8 scales [..., G] -> [..., G*32].
 Bit-exact with transformers' `_convert_moe_packed_tensors` (before its final transpose): element
 2j of a 16-byte block is FP4 code `byte_j & 0xF`, element 2j+1 is `byte_j >> 4`, and every value is
 `FP4[code] * 2**(scale - 127)` rounded once to the output dtype (`torch.ldexp`, which keeps
-0 * 2**128 = +-0 and gives +-inf for |value| >= 2**128; see DESIGN.md). The output stays in the
+0 * 2**128 = +-0 and gives +-inf for |value| >= 2**128: scale byte 255 is not NaN there). The output stays in the
 source row orientation ([E, 2I, H/32, 16] -> [E, 2I, H]); the planner chains `transpose`.
 
 How it is fast and exact (~30x transformers on one core):
