@@ -120,3 +120,18 @@ def test_dry_run_reports_exactly_the_missing_and_unexpected_key(tmp_path):
     strict = convert(source, tmp_path / "out", "--preset", "fuse-experts", "--strict")
     assert strict.exit_code == 3
     assert not (tmp_path / "out").exists()
+
+
+def test_the_python_api_writes_what_the_cli_writes(gpt_oss_mxfp4_dir, tmp_path):
+    """moeconv.plan_for + moeconv.convert (the README's Python snippet) give the CLI's bytes and report."""
+    import moeconv
+    from moeconv.cli import app
+
+    plan = moeconv.plan_for(gpt_oss_mxfp4_dir, presets=["gpt-oss-bf16"])
+    assert plan.report.ok() and not plan.report.missing and not plan.report.unexpected
+    report = moeconv.convert(plan, tmp_path / "api")
+    assert (
+        CliRunner().invoke(app, ["convert", str(gpt_oss_mxfp4_dir), str(tmp_path / "cli"), "-p", "gpt-oss-bf16"]).exit_code == 0
+    )
+    cli_report = json.loads((tmp_path / "cli" / "moeconv-report.json").read_text())
+    assert report["checksums"] == cli_report["checksums"] and report["ok"]
