@@ -240,32 +240,38 @@ class _Planner:
         group_sets = sorted(matches[names[0]], key=lambda g: natural_key(str(g)))
 
         def initial(groups: tuple) -> list[Value]:
-            values = []
-            for name in names:
-                key = matches[name][groups]
-                entry = self.namespace[key]
-                values.append(Value(entry.node, {}, entry.sources, entry.ops, entry.rules))
-            return values
+            entries = [self.namespace[matches[name][groups]] for name in names]
+            return [Value(entry.node, {}, entry.sources, entry.ops, entry.rules) for entry in entries]
 
         if rule.group is None:
             for groups in group_sets:
                 yield dict(groups), self._steps(rule, rule.steps, initial(groups), where=matches[names[0]][groups])
             return
+        split_at = rule.stack_index()
+        for rest, members in self._members(rule, group_sets, matches[names[0]]):
+            label = ", ".join(f"{k}={v}" for k, v in rest) or "all keys"
+            per_member = [
+                self._steps(rule, rule.steps[:split_at], initial(groups), where=matches[names[0]][groups]) for groups in members
+            ]
+            stacked = self._stack(rule, rule.steps[split_at], per_member, label)
+            yield dict(rest), self._steps(rule, rule.steps[split_at + 1 :], stacked, where=label)
 
+    def _members(self, rule: Rule, group_sets: list[tuple], keys: dict[tuple, str]):
+        """Yield (the other groups, the match sets of members 0..count-1) per set of members that
+        differ only in the rule's group; the count checked against config.json or the rule."""
         buckets: dict[tuple, dict[int, tuple]] = {}
         for groups in group_sets:
             rest = tuple((k, v) for k, v in groups if k != rule.group)
             value = dict(groups)[rule.group]
-            key = matches[names[0]][groups]
             if not is_number(value):
-                raise PlanError(f"{rule.where}: group '{rule.group}' must be a number, got '{value}' in '{key}'")
+                raise PlanError(f"{rule.where}: group '{rule.group}' must be a number, got '{value}' in '{keys[groups]}'")
             bucket = buckets.setdefault(rest, {})
             if int(value) in bucket:
-                other = matches[names[0]][bucket[int(value)]]
-                raise PlanError(f"{rule.where}: '{key}' and '{other}' are both {rule.group} {int(value)}")
+                raise PlanError(
+                    f"{rule.where}: '{keys[groups]}' and '{keys[bucket[int(value)]]}' are both {rule.group} {int(value)}"
+                )
             bucket[int(value)] = groups
         expected, why = self._expected_count(rule)
-        split_at = rule.stack_index()
         for rest, members in sorted(buckets.items(), key=lambda kv: natural_key(str(kv[0]))):
             count = expected if expected is not None else max(members) + 1
             missing = [i for i in range(count) if i not in members]
@@ -273,32 +279,22 @@ class _Planner:
             label = ", ".join(f"{k}={v}" for k, v in rest) or "all keys"
             if missing:
                 raise PlanError(
-                    f"{rule.where}: {label}: {rule.group} {_ranges(missing)} missing for input '{names[0]}' "
+                    f"{rule.where}: {label}: {rule.group} {_ranges(missing)} missing for input '{next(iter(rule.inputs))}' "
                     f"(have {_ranges(sorted(members))}; expected {count}{why})"
                 )
             if extra:
                 raise PlanError(f"{rule.where}: {label}: {rule.group} {_ranges(extra)} beyond the expected {count}{why}")
-            per_member = [
-                self._steps(rule, rule.steps[:split_at], initial(members[i]), where=matches[names[0]][members[i]])
-                for i in range(count)
-            ]
-            width = len(per_member[0])
-            stack_step = rule.steps[split_at]
-            stacked = []
-            for j in range(width):
-                parts = [member[j] for member in per_member]
-                node = self._op_node(rule, stack_step, [p.node for p in parts], 0, where=label)
-                sources = tuple(s for p in parts for s in p.sources)
-                stacked.append(
-                    Value(
-                        node,
-                        parts[0].variables,
-                        sources,
-                        parts[0].ops + (stack_step.describe(self._params(stack_step)),),
-                        parts[0].rules,
-                    )
-                )
-            yield dict(rest), self._steps(rule, rule.steps[split_at + 1 :], stacked, where=label)
+            yield rest, [members[i] for i in range(count)]
+
+    def _stack(self, rule: Rule, step: OpStep, per_member: list[list[Value]], where: str) -> list[Value]:
+        """The stack step: the j-th value of every member stacked, for each j."""
+        stacked = []
+        for parts in zip(*per_member):
+            node = self._op_node(rule, step, [p.node for p in parts], 0, where=where)
+            sources = tuple(s for p in parts for s in p.sources)
+            ops_done = parts[0].ops + (step.describe(self._params(step)),)
+            stacked.append(Value(node, parts[0].variables, sources, ops_done, parts[0].rules))
+        return stacked
 
     def _expected_count(self, rule: Rule) -> tuple[int | None, str]:
         if isinstance(rule.count, int):
