@@ -134,18 +134,8 @@ def _parse_step(where: str, index: int, entry: object) -> OpStep:
     return OpStep(name, checked, fanout_var, tuple(names) if names else None)
 
 
-def _parse_rule(origin: str, index: int, table: object) -> Rule:
-    where = f"{origin}: rule {index + 1}"
-    if not isinstance(table, dict):
-        raise _fail(where, "each [[rule]] must be a table")
-    name = table.get("name", f"rule {index + 1}")
-    if not isinstance(name, str):
-        raise _fail(where, "field 'name' must be a string")
-    where = f"{origin}: rule {index + 1} ('{name}')" if "name" in table else where
-    unknown = set(table) - RULE_KEYS
-    if unknown:
-        raise _fail(where, f"unknown field '{sorted(unknown)[0]}'; rule fields are: {', '.join(sorted(RULE_KEYS))}")
-
+def _parse_inputs(where: str, table: dict) -> dict[str, re.Pattern]:
+    """`match` (one input, named x) or `inputs` (named), compiled; all with the same named groups."""
     if ("match" in table) == ("inputs" in table):
         raise _fail(where, "give exactly one of 'match' (one input) or 'inputs' (named inputs)")
     if "match" in table:
@@ -157,12 +147,11 @@ def _parse_rule(origin: str, index: int, table: object) -> Rule:
     group_names = [set(p.groupindex) for p in inputs.values()]
     if any(g != group_names[0] for g in group_names):
         raise _fail(where, "all 'inputs' patterns must have the same named groups, so their matches can be paired")
+    return inputs
 
-    raw_ops = table.get("ops", [])
-    if not isinstance(raw_ops, list):
-        raise _fail(where, "field 'ops' must be a list of op tables")
-    steps = tuple(_parse_step(where, i, entry) for i, entry in enumerate(raw_ops))
 
+def _parse_target(where: str, table: dict, steps: tuple[OpStep, ...]) -> tuple[str | None, bool]:
+    """(target template, drop)."""
     drop = table.get("drop", False)
     if not isinstance(drop, bool):
         raise _fail(where, "field 'drop' must be true or false")
@@ -178,17 +167,20 @@ def _parse_rule(origin: str, index: int, table: object) -> Rule:
             pass
         except (ValueError, IndexError) as error:
             raise _fail(where, f"field 'target' is not a valid template: {error}") from None
+    return target, drop
 
+
+def _parse_group(where: str, table: dict, groups: set[str], steps: tuple[OpStep, ...]) -> tuple[str | None, tuple | int | None]:
+    """(group, count): the named group whose members one `stack` op merges, and how many there are."""
     group = table.get("group")
     stacks = [s for s in steps if s.op == "stack"]
     if group is not None:
-        if group not in group_names[0]:
+        if group not in groups:
             raise _fail(where, f"field 'group' = '{group}' is not a named group of the pattern(s)")
         if len(stacks) != 1:
             raise _fail(where, "a rule with 'group' needs exactly one { op = \"stack\" } to merge the members")
     elif stacks:
         raise _fail(where, "op 'stack' needs the rule's 'group' field (which named group to merge over)")
-
     count = table.get("count")
     if count is not None:
         if isinstance(count, str):
@@ -199,17 +191,35 @@ def _parse_rule(origin: str, index: int, table: object) -> Rule:
             raise _fail(where, "field 'count' must be a config key, a list of config keys, or a positive integer")
         if group is None:
             raise _fail(where, "field 'count' only goes with 'group'")
+    return group, count
 
+
+def _parse_rule(origin: str, index: int, table: object) -> Rule:
+    where = f"{origin}: rule {index + 1}"
+    if not isinstance(table, dict):
+        raise _fail(where, "each [[rule]] must be a table")
+    name = table.get("name", f"rule {index + 1}")
+    if not isinstance(name, str):
+        raise _fail(where, "field 'name' must be a string")
+    where = f"{origin}: rule {index + 1} ('{name}')" if "name" in table else where
+    unknown = set(table) - RULE_KEYS
+    if unknown:
+        raise _fail(where, f"unknown field '{sorted(unknown)[0]}'; rule fields are: {', '.join(sorted(RULE_KEYS))}")
+    inputs = _parse_inputs(where, table)
+    raw_ops = table.get("ops", [])
+    if not isinstance(raw_ops, list):
+        raise _fail(where, "field 'ops' must be a list of op tables")
+    steps = tuple(_parse_step(where, i, entry) for i, entry in enumerate(raw_ops))
+    target, drop = _parse_target(where, table, steps)
+    group, count = _parse_group(where, table, set(next(iter(inputs.values())).groupindex), steps)
     model_types = table.get("model_types")
     if model_types is not None:
         if not (isinstance(model_types, list) and all(isinstance(m, str) for m in model_types)):
             raise _fail(where, "field 'model_types' must be a list of strings")
         model_types = tuple(model_types)
-
     optional = table.get("optional", False)
     if not isinstance(optional, bool):
         raise _fail(where, "field 'optional' must be true or false")
-
     return Rule(
         name=name,
         origin=origin,
