@@ -154,9 +154,10 @@ def _fits(value, annotation) -> bool:
     return isinstance(value, annotation)
 
 
-def check_params(op_name: str, params: dict) -> dict:
+def check_params(op_name: str, params: dict, deferred: frozenset[str] = frozenset()) -> dict:
     """Validate names and types against the op's keyword-only signature; returns params with
-    defaults, dtypes as safetensors names. RecipeError names the parameter and what it takes."""
+    defaults, dtypes as safetensors names. RecipeError names the parameter and what it takes.
+    `deferred`: parameters whose value is only known later (from config.json): name checked only."""
     op = get_op(op_name)
     schema = op.params()
     hints = _param_hints(op)
@@ -174,6 +175,9 @@ def check_params(op_name: str, params: dict) -> dict:
             raise RecipeError(f"{op_name}: unknown parameter '{name}'{hint}; parameters: {allowed}")
     checked = {}
     for name, p in schema.items():
+        if name in deferred:
+            checked[name] = params[name]
+            continue
         value = params.get(name, p.default)
         if value is inspect.Parameter.empty:
             raise RecipeError(f"{op_name}: missing required parameter '{name}' ({_describe(hints[name])})")

@@ -16,7 +16,7 @@ from moeconv.errors import MoeconvError, PlanError
 from moeconv.format import ShardLayout, TensorSpec, plan_shards
 from moeconv.graph import Node, OpNode, SourceNode, infer_outputs
 from moeconv.keys import is_number, natural_key
-from moeconv.recipe import OpStep, Recipe, Rule
+from moeconv.recipe import CONFIG_PREFIX, OpStep, Recipe, Rule
 from moeconv.report import LoadReport, check_load
 from moeconv.source import Checkpoint
 
@@ -228,6 +228,10 @@ class _Planner:
         if not any(found.values()):
             return {}
         everything = set().union(*(set(v) for v in found.values()))
+        if rule.unpaired == "keep":  # keys without every partner stay as they are
+            complete = set.intersection(*(set(v) for v in found.values()))
+            found = {name: {g: k for g, k in keys.items() if g in complete} for name, keys in found.items()}
+            return found if complete else {}
         for name, keys in found.items():
             for groups in sorted(everything - set(keys)):
                 partner = next(k[groups] for k in found.values() if groups in k)
@@ -292,7 +296,7 @@ class _Planner:
         for parts in zip(*per_member):
             node = self._op_node(rule, step, [p.node for p in parts], 0, where=where)
             sources = tuple(s for p in parts for s in p.sources)
-            ops_done = parts[0].ops + (step.describe(self._params(step)),)
+            ops_done = parts[0].ops + (step.describe(self._params(step, rule)),)
             stacked.append(Value(node, parts[0].variables, sources, ops_done, parts[0].rules))
         return stacked
 
@@ -318,11 +322,11 @@ class _Planner:
                 merged = {k: v for value in values for k, v in value.variables.items()}
                 sources = tuple(s for value in values for s in value.sources)
                 rules = tuple(dict.fromkeys(r for value in values for r in value.rules))
-                values = [Value(node, merged, sources, values[0].ops + (step.describe(self._params(step)),), rules)]
+                values = [Value(node, merged, sources, values[0].ops + (step.describe(self._params(step, rule)),), rules)]
         return values
 
     def _unary(self, rule: Rule, step: OpStep, value: Value, where: str) -> list[Value]:
-        params = self._params(step)
+        params = self._params(step, rule)
         outputs = self._infer(rule, step, params, [value.node], where)
         results = []
         for index, (dtype, shape) in enumerate(outputs):
@@ -335,7 +339,7 @@ class _Planner:
         return results
 
     def _op_node(self, rule: Rule, step: OpStep, inputs: list[Node], index: int, where: str) -> OpNode:
-        params = self._params(step)
+        params = self._params(step, rule)
         dtype, shape = self._infer(rule, step, params, inputs, where)[index]
         return OpNode(step.op, params, inputs, index, dtype, shape)
 
@@ -345,8 +349,24 @@ class _Planner:
         except MoeconvError as error:
             raise PlanError(f"{rule.where}: {where}: {error}") from None
 
-    def _params(self, step: OpStep) -> dict:
-        return {k: (self.dtype or DEFAULT_DTYPE if v == "$dtype" else v) for k, v in step.params.items()}
+    def _params(self, step: OpStep, rule: Rule | None = None) -> dict:
+        """The step's parameters for this run: "$dtype" and "$config.a.b" values resolved."""
+        params = {k: (self.dtype or DEFAULT_DTYPE if v == "$dtype" else v) for k, v in step.params.items()}
+        from_config = {k for k, v in params.items() if isinstance(v, str) and v.startswith(CONFIG_PREFIX)}
+        if not from_config:
+            return params
+        where = rule.where if rule else f"op '{step.op}'"
+        for name in from_config:
+            value: object = self.config
+            for part in params[name].removeprefix(CONFIG_PREFIX).split("."):
+                if not isinstance(value, dict) or part not in value:
+                    raise PlanError(f"{where}: {step.op} parameter '{name}' = {params[name]}: config.json has no such value")
+                value = value[part]
+            params[name] = value
+        try:
+            return ops.check_params(step.op, params)
+        except MoeconvError as error:
+            raise PlanError(f"{where}: {error} (from config.json)") from None
 
     def _target(self, rule: Rule, groups: dict, value: Value) -> str:
         try:

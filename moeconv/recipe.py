@@ -32,7 +32,21 @@ from moeconv.errors import RecipeError
 # Keys an op entry may carry besides the op's own parameters: they steer the planner.
 OP_META_KEYS = {"op", "as", "names"}
 FANOUT_OPS = {"split", "unstack"}
-RULE_KEYS = {"name", "description", "match", "inputs", "group", "count", "ops", "target", "drop", "model_types", "optional"}
+RULE_KEYS = {
+    "name",
+    "description",
+    "match",
+    "inputs",
+    "group",
+    "count",
+    "ops",
+    "target",
+    "drop",
+    "model_types",
+    "optional",
+    "unpaired",
+}
+CONFIG_PREFIX = "$config."  # an op parameter's value taken from config.json, e.g. "$config.quantization_config.weight_block_size"
 RECIPE_KEYS = {"description", "rule"}
 
 
@@ -67,6 +81,7 @@ class Rule:
     drop: bool = False
     model_types: tuple[str, ...] | None = None
     optional: bool = False  # one of several alternatives (key families): matching nothing is fine
+    unpaired: str = "error"  # a key that matches one input but has no partner: "error", or "keep" it as it is
     description: str = ""
 
     @property
@@ -125,9 +140,10 @@ def _parse_step(where: str, index: int, entry: object) -> OpStep:
     if fanout_var is not None and not (isinstance(fanout_var, str) and fanout_var.isidentifier()):
         raise _fail(at, "'as' must name a template variable, e.g. as = \"part\"")
     dtype_param = {k for k, v in params.items() if v == "$dtype"}
+    from_config = frozenset(k for k, v in params.items() if isinstance(v, str) and v.startswith(CONFIG_PREFIX))
     probe = {k: ("bf16" if k in dtype_param else v) for k, v in params.items()}
     try:
-        checked = ops.check_params(name, probe)
+        checked = ops.check_params(name, probe, deferred=from_config)
     except RecipeError as error:
         raise _fail(at, str(error)) from None
     checked.update({k: "$dtype" for k in dtype_param})
@@ -220,6 +236,9 @@ def _parse_rule(origin: str, index: int, table: object) -> Rule:
     optional = table.get("optional", False)
     if not isinstance(optional, bool):
         raise _fail(where, "field 'optional' must be true or false")
+    unpaired = table.get("unpaired", "error")
+    if unpaired not in ("error", "keep"):
+        raise _fail(where, 'field \'unpaired\' must be "error" or "keep" (leave a key without partners as it is)')
     return Rule(
         name=name,
         origin=origin,
@@ -231,6 +250,7 @@ def _parse_rule(origin: str, index: int, table: object) -> Rule:
         drop=drop,
         model_types=model_types,
         optional=optional,
+        unpaired=unpaired,
         description=table.get("description", ""),
     )
 
