@@ -9,8 +9,9 @@ it is how the writer aligns the data start.
 Layout (`plan_shards`): a checkpoint is split into shards transformers-style, and each shard's header,
 write order and absolute offsets are decided from metadata alone. The data start is padded with
 spaces to a multiple of N, then tensors are ordered so as many as possible start at a multiple of N
-(`aligned_order`). Holes are forbidden and padding tensors break vLLM (it refuses unknown parameter
-names), so order is the only tool. Same inputs -> same bytes.
+(`aligned_order`: an exact search over the sizes' residues mod N, greedy past a bound). Holes are
+forbidden and padding tensors break vLLM (it refuses unknown parameter names), so order is the only
+tool. Same inputs -> same bytes.
 """
 
 import json
@@ -156,6 +157,7 @@ class ShardLayout:
     header: bytes  # 8-byte length + JSON (+ space padding)
     size: int  # total file size
     misaligned: list[str]  # keys that could not start aligned
+    best_order: bool = True  # no order of these tensors aligns more (False: the greedy order, search too large)
 
     @property
     def data_start(self) -> int:
@@ -181,15 +183,67 @@ def _check_specs(name: str, tensors: list[TensorSpec]) -> None:
         seen.add(spec.key)
 
 
-def aligned_order(tensors: list[TensorSpec], align: int) -> list[TensorSpec]:
-    """Write order that lets the most tensors start at a multiple of `align` (see module doc)."""
+SEARCH_STATES = 200_000  # beyond this many count vectors the exact order search gives way to the greedy one
+
+
+def aligned_order(tensors: list[TensorSpec], align: int) -> tuple[list[TensorSpec], bool]:
+    """(write order that lets the most tensors start at a multiple of `align`, whether that order
+    is proven best). Tensors whose size is a multiple of `align` come first, in natural key order;
+    the others follow in the order found by `_best_residue_order`, or, when that search would pass
+    SEARCH_STATES states, by `_greedy_residue_order`."""
     ordered = sorted(tensors, key=lambda t: natural_key(t.key))
     whole = [t for t in ordered if t.nbytes % align == 0]
     rest = [t for t in ordered if t.nbytes % align]
-    # Greedy in natural order: each unplaced tensor takes the first unplaced tensor of the
-    # complementary residue. Queues are only ever popped from the front, so a tensor reached by
-    # the loop is at the front of its own queue. Per residue class this reaches
-    # min(count_r, count_{N-r}) pairs (count_{N/2} // 2 for N/2), the maximum.
+    by_residue: dict[int, deque[TensorSpec]] = {}
+    for spec in rest:
+        by_residue.setdefault(spec.nbytes % align, deque()).append(spec)
+    residues = _best_residue_order({r: len(q) for r, q in by_residue.items()}, align)
+    exact = residues is not None
+    if residues is None:
+        return whole + _greedy_residue_order(rest, align), False
+    return whole + [by_residue[r].popleft() for r in residues], exact
+
+
+def _best_residue_order(counts: dict[int, int], align: int) -> list[int] | None:
+    """The order of residues (mod `align`, each as often as `counts` says) with the most proper
+    prefixes summing to 0 mod `align`: each such prefix is one more tensor starting aligned.
+
+    Dynamic programming over count vectors (how many of each residue are placed): the prefix sum,
+    and so whether the next tensor starts aligned, depends on the vector alone, not on the order
+    that reached it. Layer by layer, each vector keeps its best count and the residue that got it
+    there (smallest first: deterministic). None when the vectors would number over SEARCH_STATES."""
+    kinds = sorted(counts)
+    if math.prod(counts[r] + 1 for r in kinds) > SEARCH_STATES:
+        return None
+    total = sum(counts.values())
+    start = (0,) * len(kinds)
+    best: dict[tuple, tuple[int, tuple | None, int]] = {start: (0, None, 0)}  # vector -> (score, previous, residue)
+    layer = [start]
+    for placed in range(1, total + 1):
+        following: dict[tuple, tuple[int, tuple | None, int]] = {}
+        for vector in layer:
+            score = best[vector][0]
+            for i, residue in enumerate(kinds):
+                if vector[i] == counts[residue]:
+                    continue
+                after = vector[:i] + (vector[i] + 1,) + vector[i + 1 :]
+                aligned = placed < total and sum(c * r for c, r in zip(after, kinds)) % align == 0
+                candidate = (score + aligned, vector, residue)
+                if after not in following or candidate[0] > following[after][0]:
+                    following[after] = candidate
+        best.update(following)
+        layer = sorted(following)
+    order, vector = [], tuple(counts[r] for r in kinds)
+    while vector != start:
+        _, previous, residue = best[vector]
+        order.append(residue)
+        vector = previous
+    return order[::-1]
+
+
+def _greedy_residue_order(rest: list[TensorSpec], align: int) -> list[TensorSpec]:
+    """Pairs of complementary residues, then the leftovers, in natural key order: the best order
+    among pairs (each unplaced tensor takes the first unplaced one of the complementary residue)."""
     waiting: dict[int, deque[int]] = {}
     for position, spec in enumerate(rest):
         waiting.setdefault(spec.nbytes % align, deque()).append(position)
@@ -200,7 +254,7 @@ def aligned_order(tensors: list[TensorSpec], align: int) -> list[TensorSpec]:
         if placed[position]:
             continue
         residue = spec.nbytes % align
-        waiting[residue].popleft()  # == position (see above)
+        waiting[residue].popleft()  # == position: queues are popped from the front only
         placed[position] = True
         partners = waiting.get(align - residue)
         if partners:
@@ -209,7 +263,7 @@ def aligned_order(tensors: list[TensorSpec], align: int) -> list[TensorSpec]:
             pairs += [spec, rest[partner]]
         else:
             leftovers.append(spec)
-    return whole + pairs + leftovers
+    return pairs + leftovers
 
 
 def layout_shard(name: str, tensors: list[TensorSpec], align: int = 16, metadata: dict[str, str] | None = None) -> ShardLayout:
@@ -220,7 +274,7 @@ def layout_shard(name: str, tensors: list[TensorSpec], align: int = 16, metadata
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise WriteError(f"{name}: metadata must map strings to strings")
     meta["format"] = "pt"  # transformers refuses files without it
-    order = aligned_order(tensors, align)
+    order, exact = aligned_order(tensors, align)
     header: dict[str, object] = {"__metadata__": meta}
     relative, position = {}, 0
     for spec in order:
@@ -241,6 +295,7 @@ def layout_shard(name: str, tensors: list[TensorSpec], align: int = 16, metadata
         header=len(text).to_bytes(8, "little") + text,
         size=data_start + position,
         misaligned=misaligned,
+        best_order=exact,
     )
 
 

@@ -444,8 +444,9 @@ def build_plan(
     for layout in shards:
         for key, offset in layout.offsets.items():
             tensors[key].shard, tensors[key].offset = layout.name, offset
+        why = "no order of the shard's tensor sizes aligns more" if layout.best_order else "too many sizes to search every order"
         for key in layout.misaligned:
-            planner.warnings.append(f"'{key}' in {layout.name} cannot start {align}-byte aligned (odd-sized tensors)")
+            planner.warnings.append(f"'{key}' in {layout.name} cannot start {align}-byte aligned ({why})")
 
     config = companions.output_config(source.config, tensors.values(), dtype)
     return Plan(
