@@ -227,13 +227,9 @@ def convert_command(
     plan.start_report()  # computed while the data moves; written last
     fetch_inputs(plan, low_disk=low_disk)  # hub repo ids: download what the plan reads (no-op for local paths)
     with progress_bar(stderr, plan, enabled=stderr.is_terminal and not json_output) as progress:
-        try:
-            report = execute(
-                plan, out, overwrite=overwrite, progress=progress, low_disk=low_disk, resume=resume, checksum=checksum.value
-            )
-        except MoeconvError:
-            plan.report  # noqa: B018  (its thread changes torch's default dtype: it must not outlive the command)
-            raise
+        report = execute(
+            plan, out, overwrite=overwrite, progress=progress, low_disk=low_disk, resume=resume, checksum=checksum.value
+        )
     if json_output:
         stdout.print_json(data=report)
     else:
