@@ -127,11 +127,16 @@ def parse_size(text: str) -> int:
     }
     number = text.strip().upper().rstrip()
     unit = number.lstrip("0123456789. ")
+    digits = number[: len(number) - len(unit)]
     try:
-        value = float(number[: len(number) - len(unit)])
-        return int(value * units[unit.strip()])
-    except (ValueError, KeyError):
+        if len(digits) > 20:  # float() of a 400-digit number is inf, and int(inf) raises
+            raise ValueError(digits)
+        size = int(float(digits) * units[unit.strip()])
+    except (ValueError, KeyError, OverflowError):
         raise typer.BadParameter(f"'{text}' is not a size; use e.g. 5GB, 500MB or 2GiB") from None
+    if not 1 <= size <= 2**50:
+        raise typer.BadParameter(f"'{text}': a shard size is from 1 byte to 1 PiB")
+    return size
 
 
 # --checksum choices, straight from moeconv.checksum (hashlib + xxhash: milliseconds to import)

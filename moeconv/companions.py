@@ -7,27 +7,34 @@ from pathlib import Path
 
 from moeconv import dtypes
 from moeconv.formats import output_quantization
+from moeconv.source import allowed_target
 
-# Root-level files copied next to the output shards: configs, tokenizer and chat template files.
-COMPANION_PATTERNS = ("*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken", "LICENSE*", "USAGE_POLICY*")
-# Never copied: weight indexes (we write our own), our own report, anything larger than this.
-SKIPPED = {"config.json", "model.safetensors.index.json", "moeconv-report.json"}
+# Root-level files copied next to the output shards, by name only (a folder may hold anything else:
+# credentials, notes): generation and tokenizer configs, vocabularies, chat templates, licenses.
+KNOWN_FILES = {
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "chat_template.jinja", "chat_template.json",
+    "preprocessor_config.json", "processor_config.json", "LICENSE", "LICENSE.md", "LICENSE.txt", "NOTICE", "USAGE_POLICY",
+}  # fmt: skip
+KNOWN_PATTERNS = ("*.tiktoken",)
 MAX_COMPANION_BYTES = 64 * 2**20
 
 
-def companion_files(root: Path, listing: dict[str, int | None] | None = None) -> list[str]:
-    """Names of the small root-level files to copy (never from subfolders such as original/).
+def is_companion(name: str) -> bool:
+    return name in KNOWN_FILES or any(fnmatch.fnmatch(name, p) for p in KNOWN_PATTERNS)
 
-    `listing` (root-level name -> size) stands in for the folder when the source is remote."""
+
+def companion_files(root: Path, listing: dict[str, int | None] | None = None) -> list[str]:
+    """Names of the small root-level files to copy: known names only, regular files whose data is
+    inside the source folder (a link out of it is never followed; never from subfolders such as
+    original/). `listing` (root-level name -> size) stands in for the folder when the source is remote."""
     if listing is None:
-        listing = {path.name: path.stat().st_size for path in root.iterdir() if path.is_file()}
-    names = []
-    for name, size in sorted(listing.items()):
-        if "/" in name or name in SKIPPED or name.endswith(".index.json"):
-            continue
-        if any(fnmatch.fnmatch(name, p) for p in COMPANION_PATTERNS) and (size or 0) <= MAX_COMPANION_BYTES:
-            names.append(name)
-    return names
+        listing = {
+            path.name: path.stat().st_size
+            for path in root.iterdir()
+            if is_companion(path.name) and path.is_file() and allowed_target(path, root)
+        }
+    return [name for name, size in sorted(listing.items()) if is_companion(name) and (size or 0) <= MAX_COMPANION_BYTES]
 
 
 def output_config(config: dict | None, tensors: Iterable, dtype: str | None) -> dict | None:

@@ -164,9 +164,12 @@ class ShardLayout:
         return len(self.header)
 
 
+MAX_ALIGN = 1 << 20  # 1 MiB: past a huge page, alignment buys nothing a loader uses
+
+
 def _check_align(align: int) -> None:
-    if not isinstance(align, int) or isinstance(align, bool) or align < 8 or align & (align - 1):
-        raise WriteError(f"alignment {align!r} must be a power of two >= 8 (e.g. 16, 64, 4096)")
+    if not isinstance(align, int) or isinstance(align, bool) or align < 8 or align > MAX_ALIGN or align & (align - 1):
+        raise WriteError(f"--align {align!r} must be a power of two from 8 to {MAX_ALIGN} (e.g. 16, 64, 4096)")
 
 
 def _check_specs(name: str, tensors: list[TensorSpec]) -> None:

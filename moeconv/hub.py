@@ -261,6 +261,8 @@ def read_index_names(index_path: Path) -> set[str]:
 
     try:
         weight_map = json.loads(index_path.read_text(encoding="utf-8")).get("weight_map") or {}
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return set()
+    if not isinstance(weight_map, dict):
+        return set()  # Checkpoint.open says what is wrong with it
     return {name for name in weight_map.values() if isinstance(name, str)}

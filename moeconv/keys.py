@@ -14,14 +14,20 @@ _DIGIT_RUN = re.compile(r"([0-9]+)")
 
 
 def is_number(text: str) -> bool:
-    """True for a plain ASCII decimal number such as `7` or `12`."""
-    return bool(text) and text.isascii() and text.isdigit()
+    """True for a plain ASCII decimal number such as `7` or `12` (at most MAX_INDEX_DIGITS digits)."""
+    return bool(text) and len(text) <= MAX_INDEX_DIGITS and text.isascii() and text.isdigit()
 
 
 def natural_key(key: str) -> tuple:
     """Sort key that orders `layers.2` before `layers.10`."""
-    # re.split with one capture group alternates text, digits, text, ...: odd positions are numbers.
-    return tuple(int(part) if i % 2 else part for i, part in enumerate(_DIGIT_RUN.split(key)))
+    # re.split with one capture group alternates text, digits, text, ...: odd positions are numbers,
+    # ordered by length then digits (no int(): a key may carry a number of thousands of digits).
+    return tuple(
+        (len(part.lstrip("0")), part.lstrip("0"), part) if i % 2 else part for i, part in enumerate(_DIGIT_RUN.split(key))
+    )
+
+
+MAX_INDEX_DIGITS = 18  # a numeric segment longer than this is text, not an index (int() of it is unbounded work)
 
 
 def _render_indices(values: list[int]) -> str:
@@ -45,6 +51,9 @@ def collapse_keys(keys: Iterable[str]) -> list[tuple[str, list[str]]]:
     collapsed = []
     for template, members in groups.items():
         columns = list(zip(*(_NUMERIC_SEGMENT.findall(m) for m in members)))
+        if any(len(v) > MAX_INDEX_DIGITS for column in columns for v in column):
+            collapsed += [(m, [m]) for m in members]
+            continue
         pattern = template
         for column in columns:
             pattern = pattern.replace("#", _render_indices([int(v) for v in column]), 1)

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 Order = Literal["gate-first", "up-first"]
 Spec = tuple[str, tuple[int, ...]]  # (safetensors dtype name, shape) of a tensor, without its data
 Piece = tuple[int, int, int, int | None]  # (input index, start, stop, within): see MovesRows
+MAX_PIECES = 1 << 16  # split/unstack outputs at most this many tensors (a file may claim any dim)
 
 
 class Dtype(str):
@@ -312,7 +313,7 @@ def _split_sizes(shape: tuple[int, ...], d: int, parts: int, sizes: list[int]) -
                 f"split: sizes {sizes} must be {len(sizes)} non-negative sizes summing to dim {d} of {list(shape)} ({shape[d]})"
             )
         return list(sizes)
-    if parts < 1 or shape[d] % parts:
+    if parts < 1 or parts > MAX_PIECES or shape[d] % parts:
         raise OpError(f"split: dim {d} of {list(shape)} has size {shape[d]}, not divisible into {parts} equal parts")
     return [shape[d] // parts] * parts
 
@@ -378,6 +379,8 @@ def stack(*xs: torch.Tensor, dim: int = 0) -> torch.Tensor:
 def _unstack_shape(specs: list[Spec], *, dim: int) -> list[Spec]:
     ((dtype, shape),) = specs
     d = _dim("unstack", dim, len(shape))
+    if shape[d] > MAX_PIECES:
+        raise OpError(f"unstack: dim {dim} of {list(shape)} would make {shape[d]} tensors, more than {MAX_PIECES}")
     return [(dtype, shape[:d] + shape[d + 1 :])] * shape[d]
 
 

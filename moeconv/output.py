@@ -20,11 +20,12 @@ import os
 from pathlib import Path
 
 from moeconv.checksum import DEFAULT as DEFAULT_CHECKSUM
-from moeconv.checksum import file_checksum
+from moeconv.checksum import file_checksum, new_hasher
+from moeconv.companions import is_companion
 from moeconv.errors import MoeconvError, WriteError
 from moeconv.format import INDEX_NAME
 from moeconv.plan import Plan
-from moeconv.writer import atomic_write_bytes, fsync_dir, fsync_file, write_index
+from moeconv.writer import atomic_write_bytes, fsync_dir, fsync_file, index_bytes
 
 REPORT_NAME = "moeconv-report.json"
 JOURNAL_NAME = ".moeconv-progress.json"  # an unfinished run: its finished shards, for --resume
@@ -102,37 +103,41 @@ class Output:
         atomic_write_bytes(self.dir / JOURNAL_NAME, (json.dumps(data, indent=2) + "\n").encode(), sync=False)
 
     def finalize(self, extra: dict | None = None) -> dict:
-        """Every shard written: fsync them, give them their final names, then write the index,
-        config, small files and the report (waiting for the load report if it is still being
-        computed; `extra`: more report fields). Returns the report."""
+        """Every shard written: the small files, config.json and the report first (waiting for the
+        load report if it is still being computed; `extra`: more report fields), then the shards get
+        their final names and, last, the one file that makes the folder loadable: the index (several
+        shards) or the single shard. transformers loads nothing without it, so a folder killed at
+        any point before looks incomplete, and --resume still finds the journal. Returns the report."""
         plan, out = self.plan, self.dir
+        names = [layout.name for layout in plan.shards]
+        index = index_bytes(plan.shards)
         renamed: list[str] = []
         try:
-            for layout in plan.shards:  # durable before any of them gets its final name
-                fsync_file(self.staged(layout.name))
-            for layout in plan.shards:
-                os.replace(self.staged(layout.name), out / layout.name)
-                renamed.append(layout.name)
-            fsync_dir(out)
-            written: list[Path] = []
-            index = write_index(out, plan.shards)
+            for name in names:  # durable before any of them gets its final name
+                fsync_file(self.staged(name))
+            hashes = {name: self.finished[name]["checksum"] for name in names}  # hashed while written
             if index is not None:
-                written.append(index)
-            for name in plan.companion_files:
-                target = out / name
-                atomic_write_bytes(target, (plan.source.root / name).read_bytes())
-                written.append(target)
+                hasher = new_hasher(self.checksum)
+                hasher.update(index)
+                hashes[INDEX_NAME] = hasher.hexdigest()
+            small = {name: (plan.source.root / name).read_bytes() for name in plan.companion_files}
             if plan.config is not None:
-                target = out / "config.json"
-                atomic_write_bytes(target, (json.dumps(plan.config, indent=2) + "\n").encode())
-                written.append(target)
-            hashes = {layout.name: self.finished[layout.name]["checksum"] for layout in plan.shards}  # hashed while written
-            hashes.update({p.name: file_checksum(p, self.checksum) for p in written})
+                small["config.json"] = (json.dumps(plan.config, indent=2) + "\n").encode()
+            for name, data in small.items():
+                atomic_write_bytes(out / name, data)
+                hashes[name] = file_checksum(out / name, self.checksum)
             report = {**plan.to_json(), "rebuild": plan.rebuild(), "checksums": {"algorithm": self.checksum, "files": hashes}}
             report.update(extra or {})
             atomic_write_bytes(out / REPORT_NAME, (json.dumps(report, indent=2) + "\n").encode())
+            for name in names:
+                os.replace(self.staged(name), out / name)
+                renamed.append(name)
+            if index is not None:
+                atomic_write_bytes(out / INDEX_NAME, index)
+            fsync_dir(out)
         except BaseException as error:
-            (out / INDEX_NAME).unlink(missing_ok=True)
+            for name in (INDEX_NAME, REPORT_NAME):
+                (out / name).unlink(missing_ok=True)
             for name in renamed:  # back out of sight: the journal still lists them for --resume
                 os.replace(out / name, self.staged(name))
             self.abandon(error)
@@ -196,16 +201,42 @@ def _prepare(
             if resume:
                 raise WriteError(f"{out_dir}: nothing to resume (no {JOURNAL_NAME}); pass --overwrite to replace its contents")
             raise WriteError(f"{out_dir}: output folder is not empty; pass --overwrite to replace its contents")
-        try:
-            for path in [out / REPORT_NAME, out / INDEX_NAME, journal, *out.glob("*.safetensors"), *_leftovers(out)]:
-                path.unlink(missing_ok=True)
-        except OSError as error:
-            raise WriteError(
-                f"{error.filename}: cannot delete this file of the replaced output: {error.strerror or error}"
-            ) from None
+        _clear_previous(out)
         return {}
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise WriteError(f"{out_dir}: cannot create the output folder: {error.strerror or error}") from None
     return {}
+
+
+def _clear_previous(out: Path) -> None:
+    """--overwrite: delete what a previous conversion wrote there (the files its report lists, any
+    checkpoint shard, index, journal, config and known companion, leftovers); the report and index
+    first, so a half-replaced folder never looks complete. Anything else stays; a folder where a
+    file of ours would be is refused, never deleted."""
+    try:
+        listed = json.loads((out / REPORT_NAME).read_text(encoding="utf-8"))["checksums"]["files"]
+        listed = [name for name in listed if isinstance(name, str) and Path(name).name == name]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        listed = []
+    names = [
+        REPORT_NAME,
+        INDEX_NAME,
+        JOURNAL_NAME,
+        "config.json",
+        *listed,
+        *(p.name for p in out.iterdir() if is_companion(p.name)),
+    ]
+    paths = [out / name for name in dict.fromkeys(names)] + [*out.glob("*.safetensors"), *_leftovers(out)]
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            raise WriteError(f"{path}: a folder where the output writes files; moeconv deletes no folder: move it away")
+    try:
+        for path in paths:
+            path.unlink(missing_ok=True)
+    except OSError as error:
+        raise WriteError(f"{error.filename}: cannot delete this file of the replaced output: {error.strerror or error}") from None
 
 
 def _resume(out_dir: Path, fingerprint: str | None, overwrite: bool, checksum: str) -> dict[str, dict] | None:
@@ -217,7 +248,7 @@ def _resume(out_dir: Path, fingerprint: str | None, overwrite: bool, checksum: s
         journal = json.loads((out / JOURNAL_NAME).read_text(encoding="utf-8"))
         shards = journal["shards"]
         assert isinstance(shards, dict)
-    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+    except (OSError, ValueError, KeyError, TypeError, AssertionError, RecursionError):
         if overwrite:
             return None
         raise WriteError(f"{out_dir}: {JOURNAL_NAME} is unreadable; pass --overwrite to start over") from None

@@ -272,12 +272,14 @@ class _Planner:
         expected, why = self._expected_count(rule)
         for rest, members in sorted(buckets.items(), key=lambda kv: natural_key(str(kv[0]))):
             count = expected if expected is not None else max(members) + 1
-            missing = [i for i in range(count) if i not in members]
+            missing = _gaps(sorted(i for i in members if i < count), count)
             extra = [i for i in members if i >= count]
             label = ", ".join(f"{k}={v}" for k, v in rest) or "all keys"
             if missing:
+                more = count - sum(1 for i in members if i < count) - len(missing)
+                listed = _ranges(missing) + (f" and {more} more" if more else "")
                 raise PlanError(
-                    f"{rule.where}: {label}: {rule.group} {_ranges(missing)} missing for input '{next(iter(rule.inputs))}' "
+                    f"{rule.where}: {label}: {rule.group} {listed} missing for input '{next(iter(rule.inputs))}' "
                     f"(have {_ranges(sorted(members))}; expected {count}{why})"
                 )
             if extra:
@@ -331,7 +333,7 @@ class _Planner:
             variables = dict(value.variables)
             if len(outputs) > 1:
                 label = step.names[index] if step.names else str(index)
-                variables[step.fanout_var or ("part" if step.op == "split" else "index")] = label
+                variables[step.fanout_var] = label
             described = step.describe(params)
             layout = self._layout(rule, step, described, list(value.layout))
             results.append(Value(node, variables, value.sources, value.ops + (described,), value.rules, layout))
@@ -411,6 +413,19 @@ class _Planner:
 
 def _op_arity(name: str) -> int | None:
     return ops.get_op(name).n_inputs
+
+
+def _gaps(present: list[int], count: int, most: int = 8) -> list[int]:
+    """The first `most` numbers of 0..count-1 not in sorted `present` (never enumerates count)."""
+    found, expected = [], 0
+    for value in [*present, count]:
+        while expected < value and len(found) < most:
+            found.append(expected)
+            expected += 1
+        if len(found) >= most:
+            break
+        expected = value + 1
+    return found
 
 
 def _ranges(values: list[int]) -> str:

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import re2
+
 import moeconv.formats  # noqa: F401  (registers the formats' ops, which recipes name)
 from moeconv import dtypes, ops
 from moeconv.errors import RecipeError
@@ -49,6 +51,8 @@ RULE_KEYS = {
     "layout",
     "maps",
 }
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # the refusal is our one-line error, not a log line on stderr
 CONFIG_PREFIX = "$config."  # an op parameter's value taken from config.json, e.g. "$config.quantization_config.weight_block_size"
 RECIPE_KEYS = {"description", "consumer", "rule"}
 CONSUMERS = ("transformers",)  # a recipe that declares one reproduces that loader's own conversions
@@ -77,7 +81,7 @@ class Rule:
 
     name: str
     origin: str  # "preset fuse-experts" or the file path, for messages
-    inputs: dict[str, re.Pattern]
+    inputs: dict[str, "re2._Regexp"]  # compiled by RE2: linear-time matching
     target: str | None
     steps: tuple[OpStep, ...] = ()
     group: str | None = None
@@ -115,13 +119,24 @@ def _fail(where: str, message: str) -> RecipeError:
     return RecipeError(f"{where}: {message}")
 
 
-def _compile(where: str, field_name: str, pattern: object) -> re.Pattern:
+def _compile(where: str, field_name: str, pattern: object):
+    """A rule's regex, compiled for RE2: matching takes time linear in the key whatever the pattern
+    (Python's engine backtracks: `(a+)+b` against 41 a's would take hours). Python's parser first,
+    for its clearer syntax errors."""
     if not isinstance(pattern, str):
         raise _fail(where, f"field '{field_name}' must be a regex string")
     try:
-        return re.compile(pattern)
+        re.compile(pattern)
     except re.error as error:
         raise _fail(where, f"field '{field_name}': regex does not compile: {error}") from None
+    try:
+        return re2.compile(pattern, options=_RE2_OPTIONS)
+    except re2.error as error:
+        why = error.args[0].decode(errors="replace") if error.args and isinstance(error.args[0], bytes) else error
+        raise _fail(
+            where,
+            f"field '{field_name}': regex needs backtracking (lookaround or a backreference: {why}); rules match in linear time",
+        ) from None
 
 
 def _parse_step(where: str, index: int, entry: object) -> OpStep:
@@ -153,6 +168,8 @@ def _parse_step(where: str, index: int, entry: object) -> OpStep:
                 params["parts"] = len(names)
     if fanout_var is not None and not (isinstance(fanout_var, str) and fanout_var.isidentifier()):
         raise _fail(at, "'as' must name a template variable, e.g. as = \"part\"")
+    if name in FANOUT_OPS and fanout_var is None:
+        fanout_var = "part" if name == "split" else "index"
     dtype_param = {k for k, v in params.items() if v == "$dtype"}
     from_config = frozenset(k for k, v in params.items() if isinstance(v, str) and v.startswith(CONFIG_PREFIX))
     probe = {k: ("bf16" if k in dtype_param else v) for k, v in params.items()}
@@ -164,7 +181,7 @@ def _parse_step(where: str, index: int, entry: object) -> OpStep:
     return OpStep(name, checked, fanout_var, tuple(names) if names else None)
 
 
-def _parse_inputs(where: str, table: dict) -> dict[str, re.Pattern]:
+def _parse_inputs(where: str, table: dict) -> dict:
     """`match` (one input, named x) or `inputs` (named), compiled; all with the same named groups."""
     if ("match" in table) == ("inputs" in table):
         raise _fail(where, "give exactly one of 'match' (one input) or 'inputs' (named inputs)")
@@ -293,6 +310,13 @@ def _parse_rule(origin: str, index: int, table: object) -> Rule:
     if not isinstance(raw_ops, list):
         raise _fail(where, "field 'ops' must be a list of op tables")
     steps = tuple(_parse_step(where, i, entry) for i, entry in enumerate(raw_ops))
+    groups = set(next(iter(inputs.values())).groupindex)
+    for i, step in enumerate(steps):
+        if step.fanout_var in groups:
+            raise _fail(
+                where,
+                f"ops[{i}]: {step.op} names its pieces '{step.fanout_var}', a named group of the pattern too; pick another with as = \"...\"",
+            )
     target, drop = _parse_target(where, table, steps)
     group, count = _parse_group(where, table, set(next(iter(inputs.values())).groupindex), steps)
     model_types = table.get("model_types")
@@ -333,6 +357,8 @@ def parse_recipe(text: str, origin: str) -> Recipe:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise RecipeError(f"{origin}: not valid TOML: {error}") from None
+    except RecursionError:
+        raise RecipeError(f"{origin}: TOML nested too deeply to be a recipe") from None
     unknown = set(data) - RECIPE_KEYS
     if unknown:
         raise RecipeError(f"{origin}: unknown top-level field '{sorted(unknown)[0]}'; use 'description' and [[rule]] tables")
@@ -353,6 +379,8 @@ def load_recipe(path: str | Path) -> Recipe:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise RecipeError(f"{path}: cannot read recipe: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise RecipeError(f"{path}: recipe is not UTF-8 text (byte {error.start}); TOML files are UTF-8") from None
     return parse_recipe(text, str(path))
 
 

@@ -157,6 +157,19 @@ def _model_class(transformers, config_obj, architectures: list[str] | None):
     )
 
 
+MAX_LAYERS = 1000  # the largest models have ~100; building a claimed 200,000 on meta takes hours
+MAX_EXPERTS = 4096
+
+
+def _check_size(config: dict) -> None:
+    """Refuse (as not checked) a config that claims more layers or experts than any model has."""
+    for scope in (config, config.get("text_config") if isinstance(config.get("text_config"), dict) else {}):
+        for name, most in (("num_hidden_layers", MAX_LAYERS), ("num_local_experts", MAX_EXPERTS), ("num_experts", MAX_EXPERTS)):
+            value = scope.get(name)
+            if isinstance(value, int) and value > most:
+                raise ConsumerUnavailable(f"config.json {name} = {value}: more than the {most} the load report builds")
+
+
 def _build_meta_model(config: dict):
     """(model on meta, consumer description). Raises ConsumerUnavailable with the reason."""
     import torch
@@ -169,6 +182,7 @@ def _build_meta_model(config: dict):
         raise ConsumerUnavailable(
             f"quant_method '{quant_method}' is not known to moeconv's load report (known: {', '.join(sorted(layouts))})"
         )
+    _check_size(config)
     with _quiet_transformers():
         config_obj = _config_object(transformers, config)
         cls = _model_class(transformers, config_obj, config.get("architectures"))

@@ -72,6 +72,10 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]
         header = json.loads(text, object_pairs_hook=unique_object)
     except ValueError as error:  # JSONDecodeError or a duplicate key
         raise CheckpointError(f"{name}: header is not valid JSON ({error}); the file is corrupt") from None
+    except RecursionError:
+        raise CheckpointError(
+            f"{name}: header JSON is nested too deeply to be a safetensors header; the file is corrupt"
+        ) from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{name}: header is JSON {type(header).__name__}, not an object; the file is corrupt")
     return check_header(path, header, data_start, size)
@@ -81,7 +85,7 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def _allowed_target(path: Path, root: Path) -> bool:
+def allowed_target(path: Path, root: Path) -> bool:
     """Does the real file behind `path` live inside the checkpoint folder?
 
     The one exception is the huggingface_hub cache, where snapshots/<rev>/<file> is a symlink into
@@ -105,6 +109,8 @@ def _load_json(path: Path, what: str) -> object:
         raise CheckpointError(f"{path}: cannot read {what}: {error.strerror or error}") from None
     except (UnicodeDecodeError, ValueError) as error:
         raise CheckpointError(f"{path}: {what} is not valid JSON ({error})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: {what} JSON is nested too deeply to be a {what}") from None
 
 
 class Checkpoint:
@@ -196,14 +202,14 @@ class Checkpoint:
             if not isinstance(shard, str) or not shard:
                 raise CheckpointError(f"{index_path}: key {_q(key)} maps to {json.dumps(shard)}, not a shard file name")
             relative = Path(shard)
-            if relative.is_absolute() or ".." in relative.parts:
+            if relative.is_absolute() or ".." in relative.parts or len(relative.parts) != 1:
                 raise CheckpointError(
                     f"{index_path}: key {_q(key)} names shard {_q(shard)} outside the checkpoint folder; refusing to read it"
                 )
             shard_path = root / relative
             if not shard_path.is_file():
                 raise CheckpointError(f"{index_path}: key {_q(key)} names shard {_q(shard)}, which is missing from {root}")
-            if not _allowed_target(shard_path, root):
+            if not allowed_target(shard_path, root):
                 raise CheckpointError(
                     f"{index_path}: shard {_q(shard)} is a symlink to {shard_path.resolve()}, outside the checkpoint folder; refusing to read it"
                 )
@@ -254,6 +260,10 @@ class Checkpoint:
         found: dict[str, TensorInfo] = {}
         for path in sorted(files, key=lambda p: p.name):
             claimed = files[path]
+            if read is read_header and not allowed_target(path, root):
+                raise CheckpointError(
+                    f"{path}: a symlink to {path.resolve()}, outside the checkpoint folder; refusing to read it"
+                )
             tensors, _, _ = read(path)
             for key, info in tensors.items():
                 if key in found:

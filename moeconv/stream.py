@@ -45,6 +45,9 @@ def chunks(tensor: PlannedTensor, budget: int = CHUNK_BYTES) -> Iterator[Chunk |
         yield None
         return
     rows = node.shape[0]
+    if node.nbytes == 0:  # however many rows it claims: one empty chunk
+        yield Chunk(0, rows)
+        return
     row_bytes = node.nbytes // max(rows, 1)
     if node.splits_rows and len(node.shape) >= 2 and node.shape[1] > 1 and row_bytes > budget:
         step = max(1, budget // max(row_bytes // node.shape[1], 1))

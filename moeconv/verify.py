@@ -74,6 +74,8 @@ def _load_report(out: Path) -> dict:
         report = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as error:
         raise VerifyError(f"{path}: not a readable JSON report ({error})") from None
+    except RecursionError:
+        raise VerifyError(f"{path}: not a moeconv report (JSON nested too deeply)") from None
     if not (
         isinstance(report, dict)
         and isinstance(report.get("checksums"), dict)

@@ -252,13 +252,21 @@ def atomic_write_bytes(path: Path, data: bytes, *, sync: bool = True) -> None:
         fsync_dir(path.parent)
 
 
-def write_index(out_dir: Path, layouts: list[ShardLayout]) -> Path | None:
+def index_bytes(layouts: list[ShardLayout]) -> bytes | None:
     """model.safetensors.index.json as transformers writes it; None (no index) for one shard."""
     if len(layouts) <= 1:
         return None
     weight_map = {spec.key: layout.name for layout in layouts for spec in layout.order}
     total = sum(spec.nbytes for layout in layouts for spec in layout.order)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    return (json.dumps(index, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def write_index(out_dir: Path, layouts: list[ShardLayout]) -> Path | None:
+    """Write the index (`index_bytes`) into out_dir; its path, or None for one shard."""
+    data = index_bytes(layouts)
+    if data is None:
+        return None
     path = Path(out_dir) / INDEX_NAME
-    atomic_write_bytes(path, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    atomic_write_bytes(path, data)
     return path

@@ -77,18 +77,19 @@ def test_convert_writes_the_same_report_as_the_dry_run_shows(gpt_oss_mxfp4_dir, 
 
 
 def test_the_data_path_does_not_wait_for_the_load_report(gpt_oss_mxfp4_dir, tmp_path):
-    """Every shard is written while the report is still pending; the report file comes once it is ready."""
+    """Every shard is written while the report is still pending; the final names come once it is ready."""
     plan = build_plan(Checkpoint.open(gpt_oss_mxfp4_dir), [load_preset("gpt-oss-bf16")])
     ready, plan._report = plan.report, Future()
     out = tmp_path / "out"
     worker = threading.Thread(target=execute, args=(plan, out), daemon=True)
     worker.start()
-    shards = [out / layout.name for layout in plan.shards]
+    staged = [out / f".{layout.name}.staged" for layout in plan.shards]
     deadline = time.monotonic() + 120
-    while not all(path.exists() for path in shards) and time.monotonic() < deadline:
+    while not all(path.exists() for path in staged) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert all(path.exists() for path in shards) and worker.is_alive()
-    assert not (out / REPORT_NAME).exists()
+    assert all(path.exists() for path in staged) and worker.is_alive()
+    # nothing gets its final name before the report is ready (a folder killed now is not loadable)
+    assert not (out / REPORT_NAME).exists() and not list(out.glob("*.safetensors"))
     plan._report.set_result(ready)
     worker.join(timeout=120)
     assert json.loads((out / REPORT_NAME).read_text())["consumer"] == ready.consumer
