@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 
 from moeconv import checksum as checksums
+from moeconv.display import safe
 from moeconv.errors import MoeconvError
 
 app = typer.Typer(
@@ -45,7 +46,7 @@ def command(name: str | None = None, *, on: typer.Typer | None = None, **kwargs)
             except MoeconvError as error:
                 if os.environ.get("MOECONV_DEBUG") == "1":
                     raise
-                stderr.print(f"error: {error}", markup=False, highlight=False)
+                stderr.print(f"error: {safe(str(error))}", highlight=False)  # one line whatever the message holds
                 raise typer.Exit(1) from None
             except (KeyboardInterrupt, Terminated) as stop:
                 # The with/finally blocks on the way up removed the file being written (see execute).
@@ -239,7 +240,9 @@ def convert_command(
         stdout.print_json(data=report)
     else:
         render_plan(plan, stderr)
-        stderr.print(f"wrote {out} ({len(plan.shards)} shard(s), report in {out / 'moeconv-report.json'})", highlight=False)
+        stderr.print(
+            f"wrote {safe(out)} ({len(plan.shards)} shard(s), report in {safe(out / 'moeconv-report.json')})", highlight=False
+        )
 
 
 # ---- verify ----------------------------------------------------------------------------------------

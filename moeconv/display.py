@@ -3,6 +3,16 @@
 from rich.console import Console, RenderableType
 from rich.table import Table
 
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]}
+
+
+def safe(text: str) -> str:
+    """A string from a file or recipe, ready for a rich markup string: markup escaped
+    (`m.[/bad].w` stays text) and control characters (ESC, OSC, NUL, newlines) shown as \\xNN."""
+    from rich.markup import escape
+
+    return escape(str(text).translate(_CONTROL))
+
 
 def human_bytes(count: int) -> str:
     """1536 -> '1.50 KiB'; exact bytes below 1 KiB."""

@@ -13,6 +13,7 @@ moving. A process that dies keeps them all (the page cache outlives it); after a
 --resume re-hashes every shard the journal lists and redoes any that did not survive whole.
 """
 
+import fcntl
 import glob
 import hashlib
 import json
@@ -28,6 +29,7 @@ from moeconv.plan import Plan
 from moeconv.writer import atomic_write_bytes, fsync_dir, fsync_file, index_bytes
 
 REPORT_NAME = "moeconv-report.json"
+LOCK_NAME = ".moeconv-lock"  # held (flock) by the run writing the folder
 JOURNAL_NAME = ".moeconv-progress.json"  # an unfinished run: its finished shards, for --resume
 
 
@@ -74,15 +76,21 @@ class Output:
         self.finished: dict[str, dict] = {}
 
     def open(self) -> dict[str, dict]:
-        """Make the folder ready (refusals, --overwrite, --resume) and start the journal."""
-        self.finished = _prepare(
-            self.dir,
-            self.plan.source.root,
-            self.overwrite,
-            resume=self.resume,
-            fingerprint=self.fingerprint,
-            checksum=self.checksum,
-        )
+        """Take the folder's lock for the run's life, make the folder ready (refusals, --overwrite,
+        --resume) and start the journal."""
+        self._lock = _take_lock(self.dir, self.plan.source.root)
+        try:
+            self.finished = _prepare(
+                self.dir,
+                self.plan.source.root,
+                self.overwrite,
+                resume=self.resume,
+                fingerprint=self.fingerprint,
+                checksum=self.checksum,
+            )
+        except BaseException:
+            self._release()
+            raise
         try:
             self._write_journal()
         except BaseException as error:
@@ -143,7 +151,14 @@ class Output:
             self.abandon(error)
             raise
         (out / JOURNAL_NAME).unlink(missing_ok=True)
+        self._release()
         return report
+
+    def _release(self) -> None:
+        lock, self._lock = getattr(self, "_lock", None), None
+        if lock is not None:
+            (self.dir / LOCK_NAME).unlink(missing_ok=True)
+            os.close(lock)  # the kernel drops the lock with the descriptor (and when a killed run's process ends)
 
     def abandon(self, error: BaseException) -> None:
         """After a failure: with no finished shard there is nothing to resume, so the journal goes
@@ -154,12 +169,35 @@ class Output:
         for name in ours + list(self.plan.companion_files):
             for temp in self.dir.glob(f".{glob.escape(name)}.*.tmp"):
                 temp.unlink(missing_ok=True)
+        self._release()
         if not self.finished:
             (self.dir / JOURNAL_NAME).unlink(missing_ok=True)
         elif isinstance(error, MoeconvError):
             error.args = (
                 f"{error}; {len(self.finished)} finished shard(s) kept out of sight in {self.dir}: rerun with --resume to continue",
             )
+
+
+def _take_lock(out_dir: Path, source_root: Path) -> int:
+    """Create OUT if needed and hold an exclusive lock on OUT/.moeconv-lock: a second run on the
+    same folder (with --overwrite or --resume too) is refused at once instead of both failing."""
+    out = out_dir.resolve()
+    src = source_root.resolve()
+    if out == src or src in out.parents:
+        raise WriteError(f"{out_dir}: output folder is the source folder or inside it; choose another folder")
+    if out.exists() and not out.is_dir():
+        raise WriteError(f"{out_dir}: exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise WriteError(f"{out_dir}: cannot create the output folder or its lock file: {error.strerror or error}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise WriteError(f"{out_dir}: another moeconv run is writing this folder; wait for it or choose another OUT") from None
+    return fd
 
 
 def _prepare(
@@ -187,7 +225,7 @@ def _prepare(
     if out.exists() and not out.is_dir():
         raise WriteError(f"{out_dir}: exists and is not a folder")
     journal = out / JOURNAL_NAME
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()):
         if resume and journal.is_file():
             kept = _resume(out_dir, fingerprint, overwrite, checksum)
             if kept is not None:
