@@ -82,7 +82,6 @@ class Output:
         try:
             self.finished = _prepare(
                 self.dir,
-                self.plan.source.root,
                 self.overwrite,
                 resume=self.resume,
                 fingerprint=self.fingerprint,
@@ -202,14 +201,13 @@ def _take_lock(out_dir: Path, source_root: Path) -> int:
 
 def _prepare(
     out_dir: Path,
-    source_root: Path,
     overwrite: bool,
     *,
     resume: bool = False,
     fingerprint: str | None = None,
     checksum: str = DEFAULT_CHECKSUM,
 ) -> dict[str, dict]:
-    """Refuse an output folder that is the source, inside it, or not empty (unless overwrite or resume).
+    """Refuse an output folder that is not empty (unless overwrite or resume).
 
     Returns the kept shards. With `overwrite`, the old report and index are deleted first (so a
     half-replaced folder never looks complete), then the old shards and leftovers.
@@ -218,14 +216,9 @@ def _prepare(
     hash to what it recorded: {shard name: {"size", "checksum"}} of the kept ones. A journal
     written with another `checksum` algorithm is refused (started over with `overwrite`).
     """
-    out = out_dir.resolve()
-    src = source_root.resolve()
-    if out == src or src in out.parents:
-        raise WriteError(f"{out_dir}: output folder is the source folder or inside it; choose another folder")
-    if out.exists() and not out.is_dir():
-        raise WriteError(f"{out_dir}: exists and is not a folder")
+    out = out_dir.resolve()  # created, and checked against the source, by _take_lock
     journal = out / JOURNAL_NAME
-    if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()):
+    if any(p.name != LOCK_NAME for p in out.iterdir()):
         if resume and journal.is_file():
             kept = _resume(out_dir, fingerprint, overwrite, checksum)
             if kept is not None:
@@ -240,11 +233,6 @@ def _prepare(
                 raise WriteError(f"{out_dir}: nothing to resume (no {JOURNAL_NAME}); pass --overwrite to replace its contents")
             raise WriteError(f"{out_dir}: output folder is not empty; pass --overwrite to replace its contents")
         _clear_previous(out)
-        return {}
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise WriteError(f"{out_dir}: cannot create the output folder: {error.strerror or error}") from None
     return {}
 
 
