@@ -311,39 +311,34 @@ def _shape(entry: dict) -> str:
     return f"{entry['dtype']} {text}" if entry.get("dtype") else text
 
 
-def render_report(report: LoadReport, console: Console) -> None:
+def render_report(report: LoadReport, console: Console, *, wide: bool = False) -> None:
     """A table like transformers' LOAD REPORT, numeric segments collapsed
     (`model.layers.{0...23}.mlp.experts.gate_up_proj_scales | UNEXPECTED`); or one line saying the
     load could not be checked and why; or one line saying it is clean."""
-    from rich.table import Table
-
-    from moeconv.display import print_all
+    from moeconv.display import Column, KeyRow, key_table, print_all, safe
 
     if not report.checked:
-        console.print(f"[yellow]load report: not checked[/yellow] - {report.reason}")
+        console.print(f"[yellow]load report: not checked[/yellow] - {safe(report.reason)}", highlight=False)
         return
     if report.ok():
-        console.print(f"[green]load report: clean[/green] - {report.consumer} loads every key, nothing left over")
+        console.print(f"[green]load report: clean[/green] - {safe(report.consumer)} loads every key, nothing left over")
         return
 
-    table = Table(title=f"LOAD REPORT vs {report.consumer}", title_justify="left")
-    table.add_column("key", overflow="fold")
-    table.add_column("status")
-    table.add_column("checkpoint (planned)")
-    table.add_column("model (expected)")
-    for pattern, _ in collapse_keys(report.unexpected):
-        table.add_row(pattern, "[dark_orange]UNEXPECTED[/dark_orange]", "", "")
-    for pattern, _ in collapse_keys(report.missing):
-        table.add_row(pattern, "[red]MISSING[/red]", "", "")
+    def row(pattern: str, status: str, style: str, planned: str = "", expected: str = "", note: str = "") -> KeyRow:
+        return KeyRow(pattern, (status, planned, expected), note, (style, "", ""))
+
+    rows = [row(p, "UNEXPECTED", "dark_orange") for p, _ in collapse_keys(report.unexpected)]
+    rows += [row(p, "MISSING", "red") for p, _ in collapse_keys(report.missing)]
     by_shapes: dict[tuple[str, str], list[str]] = {}
     for m in report.mismatched:
         by_shapes.setdefault((_shape(m.actual), _shape(m.expected)), []).append(m.key)
     for (actual, expected), keys in by_shapes.items():
-        for pattern, _ in collapse_keys(keys):
-            table.add_row(pattern, "[purple]MISMATCHED[/purple]", actual, expected)
+        rows += [row(p, "MISMATCHED", "purple", actual, expected) for p, _ in collapse_keys(keys)]
     for pattern, members in collapse_keys(report.conversion_errors):
-        table.add_row(pattern, "[red]CONVERSION ERROR[/red]", report.conversion_errors[members[0]], "")
-    print_all(console, table)
+        rows.append(row(pattern, "CONVERSION ERROR", "red", note=report.conversion_errors[members[0]]))
+    columns = [Column("status"), Column("checkpoint (planned)"), Column("model (expected)")]
+    title = f"LOAD REPORT vs {report.consumer}"
+    print_all(console, *key_table(console, title, columns, rows, note_header="error", wide=wide))
     counts = f"{len(report.missing)} missing, {len(report.unexpected)} unexpected, {len(report.mismatched)} mismatched"
     if report.conversion_errors:
         counts += f", {len(report.conversion_errors)} conversion errors"

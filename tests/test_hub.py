@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import HfApi, ModelInfo, constants
 from huggingface_hub.utils import SafetensorsFileMetadata, SafetensorsRepoMetadata, TensorInfo
+from output_lines import error_line
 from typer.testing import CliRunner
 
 from moeconv.cli import app
@@ -311,7 +312,7 @@ def test_a_downloaded_shard_that_differs_from_its_planned_header_is_refused(onli
     victim.unlink()
     victim.write_bytes(bytes(data[:-1]))  # truncated download
     result = convert(REPO, tmp_path / "out", "-p", "gpt-oss-bf16")
-    assert result.exit_code == 1 and victim.name in result.stderr and "\n" not in result.stderr.strip()
+    assert result.exit_code == 1 and victim.name in error_line(result.stderr)
 
 
 def test_missing_or_gated_repo_is_one_line_error(hf_cache, monkeypatch):
