@@ -169,7 +169,7 @@ def _notes(rows: list[KeyRow]) -> dict[str, str]:
 
 
 def _build(title, columns, rows, note_header, *, tree: bool, inline: bool, dropped: tuple[int, ...]) -> list[RenderableType]:
-    kept = [i for i in range(len(columns)) if i not in dropped]
+    kept = [i for i in range(len(columns)) if i not in dropped and any(row.cells[i] for row in rows)]
     table = Table(title=Text(printable(title)), title_justify="left", box=None, pad_edge=False)
     table.add_column("key", no_wrap=True)
     for i in kept:

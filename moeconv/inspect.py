@@ -121,12 +121,12 @@ def _numbers(values: list[int]) -> str:
 
 
 def _file_legend(names: list[str]) -> str:
-    """What the file numbers stand for: 'file N: model-{00001...00003}-of-00003.safetensors' when
+    """What the file numbers stand for: '(file N = model-{00001...00003}-of-00003.safetensors)' when
     the numbers are the shard numbers, else every file with its number."""
     matches = [_SHARD_NAME.match(n) for n in names]
     if all(matches) and [int(m[2]) for m in matches] == list(range(1, len(names) + 1)):
-        return f"file N: {_files_cell(names)}"
-    return "files: " + ", ".join(f"{i} {name}" for i, name in enumerate(names, 1))
+        return f"(file N = {_files_cell(names)})"
+    return "(files: " + ", ".join(f"{i} = {name}" for i, name in enumerate(names, 1)) + ")"
 
 
 def render(checkpoint: Checkpoint, console: Console, *, wide: bool = False) -> None:

@@ -142,7 +142,7 @@ class Meter:
                 self._advance_bar(nbytes, part)
             elif self.mode == "lines":
                 now = time.monotonic()
-                if finished or now - self.last_line >= self.interval:
+                if finished or now - self.last_line >= self.interval or self.done >= self.total:
                     self.last_line = now
                     self._line(now, finished)
 

@@ -51,7 +51,8 @@ if TYPE_CHECKING:
     import torch
     from rich.console import Console
 
-TRANSFORMERS_MISSING = "transformers is not installed: pip install 'moeconv[transformers]'"
+# The install command works however moeconv was installed (the range is pyproject.toml's "transformers" extra).
+TRANSFORMERS_MISSING = "transformers is not installed: pip install 'transformers>=5.0,<6'"
 
 Planned = dict[str, tuple[str, tuple[int, ...]]]
 
@@ -336,7 +337,7 @@ def render_report(report: LoadReport, console: Console, *, wide: bool = False) -
         rows += [row(p, "MISMATCHED", "purple", actual, expected) for p, _ in collapse_keys(keys)]
     for pattern, members in collapse_keys(report.conversion_errors):
         rows.append(row(pattern, "CONVERSION ERROR", "red", note=report.conversion_errors[members[0]]))
-    columns = [Column("status"), Column("checkpoint (planned)"), Column("model (expected)")]
+    columns = [Column("status"), Column("planned"), Column("expected")]
     title = f"LOAD REPORT vs {report.consumer}"
     print_all(console, *key_table(console, title, columns, rows, note_header="error", wide=wide))
     counts = f"{len(report.missing)} missing, {len(report.unexpected)} unexpected, {len(report.mismatched)} mismatched"
