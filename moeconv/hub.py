@@ -109,8 +109,8 @@ def _hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
     except Exception as error:  # the HTTP client's own connection errors (httpx, or requests before 1.0)
         if type(error).__module__.split(".")[0].startswith(("httpx", "requests", "urllib3")):
             raise HubError(
-                f"{at}: read as a hub repo id (no local folder '{repo_id.split('/')[0]}' here), but the hub cannot be"
-                f" reached ({type(error).__name__}); check the network, or set HF_HUB_OFFLINE=1 to use the cache"
+                f"{at}: read as a hub repo id (no local folder '{repo_id.split('/')[0]}' here), but cannot reach the hub"
+                f" ({type(error).__name__}); check the network, or set HF_HUB_OFFLINE=1 to use the cache"
             ) from None
         raise
 
