@@ -349,7 +349,8 @@ def _run(plan, out: Path, *, overwrite, resume, low_disk, checksum, json_output,
         if human:
             stderr.print(f"writing {_shards_summary(plan)} to {safe(str(out))}", highlight=False)
         fetch_inputs(plan, low_disk=low_disk)  # hub repo ids: download what the plan reads (no-op for local paths)
-        meter.phase("writing", plan.total_bytes, {layout.name: sum(s.nbytes for s in layout.order) for layout in plan.shards})
+        shards = {layout.name: sum(spec.nbytes for spec in layout.order) for layout in plan.shards}
+        meter.phase("writing", plan.total_bytes, shards, noun="shard")
 
     with Meter(stderr, _progress_mode(quiet)) as meter:
         try:

@@ -55,11 +55,11 @@ def shape_text(shape) -> str:
     return "[" + ", ".join(map(str, shape)) + "]"
 
 
-def print_all(console: Console, *parts: RenderableType) -> None:
-    """Print tables and lines. Off a terminal (pipes, tests, CI logs) the console is widened to the
-    widest table for the duration, so every row stays one greppable line."""
+def print_all(console: Console, *parts: RenderableType, wide: bool = False) -> None:
+    """Print tables and lines. Off a terminal (pipes, tests, CI logs), or `wide`, the console is
+    widened to the widest table for the duration, so every row stays one greppable line."""
     width = console.width
-    if not console.is_terminal:
+    if wide or not console.is_terminal:
         console.width = max([width, *(_width(console, p) for p in parts if isinstance(p, Table))])
     try:
         for part in parts:

@@ -164,7 +164,7 @@ def render(checkpoint: Checkpoint, console: Console, *, wide: bool = False) -> N
 
     aligned = sum(info.begin % ALIGN == 0 for info in checkpoint.tensors.values())
     count = len(checkpoint.tensors)
-    print_all(console, *parts, "", dtype_table, "")
+    print_all(console, *parts, "", dtype_table, "", wide=wide)
     console.print(
         f"total: {count} tensors, {human_bytes(total)} ({total} bytes), {len(checkpoint.files)} files, "
         f"{aligned}/{count} {ALIGN}-byte aligned",

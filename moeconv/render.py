@@ -54,7 +54,7 @@ def render_plan(plan: Plan, console: Console, *, report: bool = True, wide: bool
     shards.add_column(f"not {plan.align}-aligned", justify="right")
     for layout in plan.shards:
         shards.add_row(layout.name, str(len(layout.order)), human_bytes(layout.size), str(len(layout.misaligned)))
-    print_all(console, *parts, "", shards)
+    print_all(console, *parts, "", shards, wide=wide)
     copies = ", ".join(safe(name) for name in plan.companion_files)
     config = "config.json (rewritten)" if plan.config is not None else ""
     if config or copies:
@@ -72,8 +72,14 @@ LINE_SECONDS = 10.0  # off a terminal: a progress line at least this often (MOEC
 
 
 class _Bytes(ProgressColumn):
+    """'12.5/465.3 KiB': done and total in the total's binary unit."""
+
     def render(self, task) -> Text:
-        return Text(f"{human_bytes(int(task.completed))} / {human_bytes(int(task.total or 0))}", style="progress.download")
+        total = int(task.total or 0)
+        unit = human_bytes(total).split()[-1]
+        scale = 1024 ** ["B", "KiB", "MiB", "GiB", "TiB", "PiB"].index(unit)
+        digits = 0 if unit == "B" else 1
+        return Text(f"{task.completed / scale:.{digits}f}/{total / scale:.{digits}f} {unit}", style="progress.download")
 
 
 class _Rate(ProgressColumn):
@@ -101,7 +107,7 @@ class Meter:
         self.interval = interval if interval is not None else float(os.environ.get("MOECONV_PROGRESS_SECONDS", LINE_SECONDS))
         self.lock = threading.Lock()
         self.progress: Progress | None = None
-        self.label, self.total, self.done, self.parts = "", 0, 0, {}
+        self.label, self.total, self.done, self.parts, self.noun = "", 0, 0, {}, "file"
         self.part_done: dict[str, int] = {}
         self.started = self.last_line = 0.0
         self.task = self.part_task = None
@@ -114,18 +120,21 @@ class Meter:
         if self.progress is not None:
             self.progress.stop()
 
-    def phase(self, label: str, total: int, parts: dict[str, int] | None = None) -> None:
-        """Start counting `total` bytes under `label`; `parts`: name -> bytes, each reported when complete."""
+    def phase(self, label: str, total: int, parts: dict[str, int] | None = None, noun: str = "file") -> None:
+        """Start counting `total` bytes under `label`; `parts`: name -> bytes, each reported when
+        complete (on the bar: `noun` k/n)."""
         with self.lock:
-            self.label, self.total, self.done, self.parts = label, total, 0, dict(parts or {})
+            self.label, self.total, self.done, self.parts, self.noun = label, total, 0, dict(parts or {}), noun
             self.part_done = dict.fromkeys(self.parts, 0)
             self.started = self.last_line = time.monotonic()
             self.current = None
             if self.mode == "bar" and self.progress is None:  # started by the first phase: nothing shows before
-                columns = (TextColumn("{task.description}"), BarColumn(), _Bytes(), _Rate(), TimeRemainingColumn())
+                columns = (TextColumn("{task.description}"), BarColumn(bar_width=24), _Bytes(), _Rate(), TimeRemainingColumn())
                 self.progress = Progress(*columns, console=self.console, transient=False)
                 self.progress.start()
             if self.progress is not None:
+                if self.part_task is not None:  # the previous phase's current part
+                    self.progress.update(self.part_task, visible=False)
                 self.task = self.progress.add_task(label, total=total)
                 self.part_task = self.progress.add_task("", total=1, visible=False) if len(self.parts) > 1 else None
 
@@ -152,7 +161,9 @@ class Meter:
             return
         if part != self.current:
             self.current = part
-            self.progress.reset(self.part_task, total=self.parts.get(part, 1), description=f"  {safe(part)}", visible=True)
+            number = list(self.parts).index(part) + 1 if part in self.parts else "?"
+            description = f"  {self.noun} {number}/{len(self.parts)}"
+            self.progress.reset(self.part_task, total=self.parts.get(part, 1), description=description, visible=True)
         self.progress.advance(self.part_task, nbytes)
 
     def _line(self, now: float, finished: str | None) -> None:

@@ -339,7 +339,7 @@ def render_report(report: LoadReport, console: Console, *, wide: bool = False) -
         rows.append(row(pattern, "CONVERSION ERROR", "red", note=report.conversion_errors[members[0]]))
     columns = [Column("status"), Column("planned"), Column("expected")]
     title = f"LOAD REPORT vs {report.consumer}"
-    print_all(console, *key_table(console, title, columns, rows, note_header="error", wide=wide))
+    print_all(console, *key_table(console, title, columns, rows, note_header="error", wide=wide), wide=wide)
     counts = f"{len(report.missing)} missing, {len(report.unexpected)} unexpected, {len(report.mismatched)} mismatched"
     if report.conversion_errors:
         counts += f", {len(report.conversion_errors)} conversion errors"

@@ -167,10 +167,25 @@ def test_convert_of_the_example_fits_an_80_column_terminal(tmp_path):
     assert table_keys(screen) == [row.key for row in plan_rows(example_plan())]
     assert "warning" not in screen  # the shipped example: every tensor can align
     bar = next(line for line in screen.splitlines() if line.startswith("writing ━"))
-    assert "KiB / " in bar and "/s" in bar
+    assert re.search(r"━ 465\.3/465\.3 KiB [0-9.]+ [KMG]iB/s +0:00:00$", bar), bar
     assert not DECIMAL_UNITS.search(screen)
     order = [screen.index(s) for s in ("planned output", "writing 1 shard", "writing ━", "load report: clean", "wrote ")]
     assert order == sorted(order)
+
+    code, screen = run_in_terminal(["verify", str(tmp_path / "out"), "--against", str(EXAMPLE)], 80, tmp_path)
+    assert code == 0, screen
+    bars = [line.split("━")[0].strip() for line in screen.splitlines() if "━" in line]  # a live bar is redrawn: every state
+    phases = [bar for bar in dict.fromkeys(bars) if not re.fullmatch(r"file \d/3", bar)]  # (and the current file's bar)
+    assert phases == ["checking xxh3-128", "comparing with the source"], screen
+    assert max(map(len, screen.splitlines())) <= 80 and not DECIMAL_UNITS.search(screen)
+
+
+def test_wide_shows_whole_keys_and_every_column_however_narrow_the_terminal():
+    console = terminal(80)
+    render(Checkpoint.open(EXAMPLE), console, wide=True)
+    text = console.file.getvalue()
+    assert "\nmodel.layers.{0...1}.mlp.experts.gate_up_proj_blocks  U8 " in text and "(file N = " in text
+    assert "not shown at this width" not in text and max(map(len, text.splitlines())) > 80
 
 
 # ---- progress off a terminal, --quiet, the plan first --------------------------------------------------
