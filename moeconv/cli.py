@@ -257,12 +257,11 @@ def convert_command(
 ) -> None:
     """Convert a checkpoint with ordered rules (presets and recipes) and write a load report.
 
-    SRC is a local folder or file, or a hub repo id (org/name) read through huggingface_hub (its cache,
-    HF_TOKEN, HF_HUB_OFFLINE). A path (starting with ., / or ~, with more than one /, or whose first
-    folder exists here) is always local. A dry run of a repo id reads headers only.
+    SRC is a local folder or file, or a hub repo id (org/name) read through huggingface_hub (HF_TOKEN, HF_HUB_OFFLINE).
+    A path (starting with ., / or ~, with more than one /, or whose first folder exists here) is always local.
+    A dry run of a repo id reads headers only.
 
-    The plan is printed before any data moves, then progress (a bar in a terminal, timestamped lines
-    in logs), then the load report."""
+    Prints the plan before any data moves, then progress (a bar in a terminal, timestamped lines in logs), then the load report."""
     from moeconv.dtypes import parse_user_dtype
     from moeconv.hub import open_source
     from moeconv.plan import build_plan
