@@ -31,7 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from moeconv import dtypes  # noqa: E402
-from moeconv.writer import ShardWriter, TensorSpec, plan_shards, write_index  # noqa: E402
+from moeconv.format import TensorSpec, plan_shards  # noqa: E402
+from moeconv.writer import ShardWriter, write_index  # noqa: E402
 
 
 def _example():

@@ -352,20 +352,16 @@ def _run(plan, out: Path, *, overwrite, resume, low_disk, checksum, json_output,
         meter.phase("writing", plan.total_bytes, shards, noun="shard")
 
     with Meter(stderr, _progress_mode(quiet)) as meter:
-        try:
-            report = execute(
-                plan,
-                out,
-                overwrite=overwrite,
-                progress=lambda shard, nbytes: meter.advance(nbytes, shard),
-                started=started,
-                low_disk=low_disk,
-                resume=resume,
-                checksum=checksum,
-            )
-        except MoeconvError:
-            plan.report  # noqa: B018  (its thread changes torch's default dtype: it must not outlive the command)
-            raise
+        report = execute(
+            plan,
+            out,
+            overwrite=overwrite,
+            progress=lambda shard, nbytes: meter.advance(nbytes, shard),
+            started=started,
+            low_disk=low_disk,
+            resume=resume,
+            checksum=checksum,
+        )
     if json_output:
         stdout.print_json(data=report)
     if human:

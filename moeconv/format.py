@@ -336,8 +336,10 @@ def shard_names(count: int) -> list[str]:
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
-def plan_shards(tensors: list[TensorSpec], max_shard_size: int, align: int = 16) -> list[ShardLayout]:
-    """Split then lay out every shard. No tensors -> no shards."""
+def plan_shards(
+    tensors: list[TensorSpec], max_shard_size: int, align: int = 16, metadata: dict[str, str] | None = None
+) -> list[ShardLayout]:
+    """Split then lay out every shard (each with `metadata` in its header). No tensors -> no shards."""
     _check_align(align)
     groups = split_shards(tensors, max_shard_size)
-    return [layout_shard(name, group, align) for name, group in zip(shard_names(len(groups)), groups)]
+    return [layout_shard(name, group, align, metadata) for name, group in zip(shard_names(len(groups)), groups)]

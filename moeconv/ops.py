@@ -78,6 +78,7 @@ class Op:
     n_inputs: int | None  # exact number of input tensors; None = one or more
     inverse: str | None  # name of the inverse op, None when there is none (lossy)
     doc: str  # one line, shown by `moeconv ops` and in recipe errors
+    reorders: bool = False  # changes what rows or columns mean with names and sizes kept (see plan._layout)
 
     def params(self) -> dict[str, inspect.Parameter]:
         """The keyword-only parameters of fn: the op's recipe schema."""
@@ -98,12 +99,14 @@ def register(
     rows: Callable[[dict, list[Spec], int], RowMap],
     inverse: str | None = None,
     n_inputs: int | None = 1,
+    reorders: bool = False,
 ):
-    """Decorator: register fn as op `name` with its shape rule and row map (see the module doc)."""
+    """Decorator: register fn as op `name` with its shape rule and row map (see the module doc);
+    `reorders`: the op changes what rows or columns mean (a transpose, a gate/up reordering)."""
 
     def decorate(fn: Callable) -> Callable:
         doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        OPS[name] = Op(name, fn, shape, rows, n_inputs, inverse, doc)
+        OPS[name] = Op(name, fn, shape, rows, n_inputs, inverse, doc, reorders)
         return fn
 
     return decorate
@@ -291,7 +294,7 @@ def _concat_rows(params: dict, specs: list[Spec], index: int) -> RowMap:
     return MovesRows(pieces, within_ok=True, passes_within=True)
 
 
-@register("concat", shape=_concat_shape, rows=_concat_rows, inverse="split", n_inputs=None)
+@register("concat", shape=_concat_shape, rows=_concat_rows, inverse="split", n_inputs=None, reorders=True)
 def concat(*xs: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Join tensors along an existing dim (e.g. gate [I, H] + up [I, H] -> [2I, H])."""
     import torch
@@ -301,20 +304,30 @@ def concat(*xs: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return torch.cat(xs, dim=dim, out=arena.empty(shape, xs[0].dtype))  # contiguous
 
 
-def _split_shape(specs: list[Spec], *, dim: int, parts: int) -> list[Spec]:
+def _split_sizes(shape: tuple[int, ...], d: int, parts: int, sizes: list[int]) -> list[int]:
+    """The pieces' sizes along dim d: `sizes` as given, or `parts` equal ones; OpError if they do not fit."""
+    if sizes:
+        if any(size < 0 for size in sizes) or sum(sizes) != shape[d] or (parts not in (2, len(sizes))):
+            raise OpError(
+                f"split: sizes {sizes} must be {len(sizes)} non-negative sizes summing to dim {d} of {list(shape)} ({shape[d]})"
+            )
+        return list(sizes)
+    if parts < 1 or shape[d] % parts:
+        raise OpError(f"split: dim {d} of {list(shape)} has size {shape[d]}, not divisible into {parts} equal parts")
+    return [shape[d] // parts] * parts
+
+
+def _split_shape(specs: list[Spec], *, dim: int, parts: int, sizes: list[int]) -> list[Spec]:
     ((dtype, shape),) = specs
     d = _dim("split", dim, len(shape))
-    if parts < 1 or shape[d] % parts:
-        raise OpError(f"split: dim {dim} of {list(shape)} has size {shape[d]}, not divisible into {parts} equal parts")
-    piece = shape[:d] + (shape[d] // parts,) + shape[d + 1 :]
-    return [(dtype, piece)] * parts
+    return [(dtype, shape[:d] + (size,) + shape[d + 1 :]) for size in _split_sizes(shape, d, parts, sizes)]
 
 
 def _split_rows(params: dict, specs: list[Spec], index: int) -> RowMap:
     ((_, shape),) = specs
     if params["dim"] % len(shape) != 0:
         return SAME_ROWS
-    first = index * (shape[0] // params["parts"])
+    first = sum(_split_sizes(shape, 0, params["parts"], params["sizes"])[:index])
 
     def pieces(start: int, stop: int, within: int | None) -> list[Piece]:
         if within is not None:
@@ -324,10 +337,11 @@ def _split_rows(params: dict, specs: list[Spec], index: int) -> RowMap:
     return MovesRows(pieces, within_ok=True, passes_within=True)
 
 
-@register("split", shape=_split_shape, rows=_split_rows, inverse="concat")
-def split(x: torch.Tensor, *, dim: int = 0, parts: int = 2) -> tuple[torch.Tensor, ...]:
-    """Cut a tensor into `parts` equal pieces along dim (e.g. [2I, H] -> gate [I, H], up [I, H])."""
-    return tuple(piece.contiguous() for piece in x.split(x.shape[dim] // parts, dim=dim))
+@register("split", shape=_split_shape, rows=_split_rows, inverse="concat", reorders=True)
+def split(x: torch.Tensor, *, dim: int = 0, parts: int = 2, sizes: list[int] = []) -> tuple[torch.Tensor, ...]:
+    """Cut a tensor along dim into `parts` equal pieces ([2I, H] -> gate [I, H], up [I, H]) or pieces of `sizes` (q/k/v)."""
+    lengths = _split_sizes(tuple(x.shape), dim % x.dim(), parts, sizes)
+    return tuple(piece.contiguous() for piece in x.split(lengths, dim=dim))
 
 
 def _stack_shape(specs: list[Spec], *, dim: int) -> list[Spec]:
@@ -403,7 +417,7 @@ def _transpose_shape(specs: list[Spec], *, dim0: int, dim1: int) -> list[Spec]:
     return [(dtype, tuple(out))]
 
 
-@register("transpose", shape=_transpose_shape, rows=_transpose_rows, inverse="transpose")
+@register("transpose", shape=_transpose_shape, rows=_transpose_rows, inverse="transpose", reorders=True)
 def transpose(x: torch.Tensor, *, dim0: int, dim1: int) -> torch.Tensor:
     """Swap two dims, contiguous result ([E, 2I, H] -> [E, H, 2I] with dim0 = 1, dim1 = 2)."""
     d0, d1 = dim0 % x.dim(), dim1 % x.dim()
@@ -434,7 +448,7 @@ def _pairs_shape(op: str):
     return rule
 
 
-@register("deinterleave", shape=_pairs_shape("deinterleave"), rows=same_rows_unless_dim_0(), inverse="interleave")
+@register("deinterleave", shape=_pairs_shape("deinterleave"), rows=same_rows_unless_dim_0(), inverse="interleave", reorders=True)
 def deinterleave(x: torch.Tensor, *, dim: int, order: Order = "gate-first") -> torch.Tensor:
     """Rows g0 u0 g1 u1 .. along dim (gpt-oss: even = gate, odd = up) -> halves g.. u.. (or u.. g..)."""
     d = dim % x.dim()
@@ -444,7 +458,7 @@ def deinterleave(x: torch.Tensor, *, dim: int, order: Order = "gate-first") -> t
     return halves.reshape(x.shape).contiguous()
 
 
-@register("interleave", shape=_pairs_shape("interleave"), rows=same_rows_unless_dim_0(), inverse="deinterleave")
+@register("interleave", shape=_pairs_shape("interleave"), rows=same_rows_unless_dim_0(), inverse="deinterleave", reorders=True)
 def interleave(x: torch.Tensor, *, dim: int, order: Order = "gate-first") -> torch.Tensor:
     """Halves g.. u.. (or u.. g.. with up-first) along dim -> rows g0 u0 g1 u1 .. (gpt-oss order)."""
     d = dim % x.dim()

@@ -7,17 +7,19 @@ and errors surface before any I/O. The load report (moeconv.report) is computed 
 (`Plan.report`), or started on a thread while the data moves (`Plan.start_report`).
 """
 
+import hashlib
+import json
 import threading
-from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from moeconv import companions, dtypes, ops
+from moeconv import __version__, companions, dtypes, ops
 from moeconv.errors import MoeconvError, PlanError
 from moeconv.format import ShardLayout, TensorSpec, plan_shards
 from moeconv.graph import Node, OpNode, SourceNode, infer_outputs
-from moeconv.keys import is_number, natural_key
-from moeconv.recipe import CONFIG_PREFIX, OpStep, Recipe, Rule
-from moeconv.report import LoadReport, check_load
+from moeconv.keys import collapse_keys, is_number, natural_key
+from moeconv.recipe import CONFIG_PREFIX, OpStep, Recipe, Rule, render_template
+from moeconv.report import LoadReport, ReportProcess, check_load
 from moeconv.source import Checkpoint
 
 DEFAULT_DTYPE = "BF16"  # what "$dtype" means when --dtype is not given
@@ -31,6 +33,7 @@ class Entry:
     sources: tuple[str, ...]
     rules: tuple[str, ...] = ()
     ops: tuple[str, ...] = ()
+    layout: tuple[str, ...] = ()  # how its meaning left transformers' layout (see _Planner._layout)
 
 
 @dataclass
@@ -42,6 +45,7 @@ class Value:
     sources: tuple[str, ...]
     ops: tuple[str, ...] = ()
     rules: tuple[str, ...] = ()  # earlier rules that produced the inputs (cascade)
+    layout: tuple[str, ...] = ()
 
 
 @dataclass
@@ -57,6 +61,7 @@ class PlannedTensor:
     node: Node = field(repr=False)
     shard: str = ""
     offset: int = 0
+    layout: tuple[str, ...] = ()  # why its meaning is not transformers' layout (empty: it is)
 
     @property
     def nbytes(self) -> int:
@@ -73,6 +78,7 @@ class PlannedTensor:
             "sources": list(self.sources),
             "rules": list(self.rules),
             "ops": list(self.ops),
+            "layout": list(self.layout),
         }
 
 
@@ -90,7 +96,7 @@ class Plan:
     align: int
     max_shard_size: int = 5 * 10**9
     dtype: str | None = None  # --dtype as a safetensors name ("BF16"), None when not given
-    _report: "LoadReport | Future | None" = field(default=None, repr=False)
+    _report: "LoadReport | ReportProcess | None" = field(default=None, repr=False)
     _report_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def rebuild(self) -> dict:
@@ -107,25 +113,11 @@ class Plan:
         return {t.key: (t.dtype, t.shape) for t in self.tensors.values()}
 
     def start_report(self) -> None:
-        """Compute the load report on a thread while the caller goes on (importing transformers
-        takes seconds); `report` then waits for it. While transformers builds the model it sets
-        torch's process-wide default dtype: code running meanwhile must name its dtypes (moeconv's
-        does). A daemon thread: an interrupted run exits without waiting for it."""
+        """Start computing the load report in a child process while the caller goes on (importing
+        transformers takes seconds); `report` then waits for it."""
         with self._report_lock:
-            if self._report is not None:
-                return
-            future: Future = Future()
-            self._report = future
-        planned, config = self.planned(), self.config
-
-        def compute() -> None:
-            future.set_running_or_notify_cancel()
-            try:
-                future.set_result(check_load(planned, config))
-            except BaseException as error:  # handed to whoever reads `report`
-                future.set_exception(error)
-
-        threading.Thread(target=compute, name="moeconv-report", daemon=True).start()
+            if self._report is None:
+                self._report = ReportProcess(self.planned(), self.config)
 
     @property
     def report(self) -> LoadReport:
@@ -134,9 +126,10 @@ class Plan:
             if self._report is None:
                 self._report = check_load(self.planned(), self.config)
             report = self._report
-        if isinstance(report, Future):
+        if not isinstance(report, LoadReport):  # a ReportProcess or another future-like answer
             report = report.result()
             self._report = report
+        report.layouts = {t.key: "; ".join(t.layout) for t in self.tensors.values() if t.layout}
         return report
 
     @property
@@ -203,7 +196,8 @@ class _Planner:
                     key = self._target(rule, groups, value)
                     if key in produced:
                         raise PlanError(f"{rule.where} writes '{key}' twice; put the split/unstack variable in 'target'")
-                    produced[key] = Entry(value.node, value.sources, value.rules + (rule.name,), value.ops)
+                    layout = value.layout + ((f"{rule.layout} (rule '{rule.name}')",) if rule.layout else ())
+                    produced[key] = Entry(value.node, value.sources, value.rules + (rule.name,), value.ops, layout)
         for key in consumed:
             del self.namespace[key]
         for key, entry in produced.items():
@@ -246,7 +240,7 @@ class _Planner:
 
         def initial(groups: tuple) -> list[Value]:
             entries = [self.namespace[matches[name][groups]] for name in names]
-            return [Value(entry.node, {}, entry.sources, entry.ops, entry.rules) for entry in entries]
+            return [Value(entry.node, {}, entry.sources, entry.ops, entry.rules, entry.layout) for entry in entries]
 
         if rule.group is None:
             for groups in group_sets:
@@ -298,7 +292,8 @@ class _Planner:
             node = self._op_node(rule, step, [p.node for p in parts], 0, where=where)
             sources = tuple(s for p in parts for s in p.sources)
             ops_done = parts[0].ops + (step.describe(self._params(step, rule)),)
-            stacked.append(Value(node, parts[0].variables, sources, ops_done, parts[0].rules))
+            layout = tuple(dict.fromkeys(m for p in parts for m in p.layout))
+            stacked.append(Value(node, parts[0].variables, sources, ops_done, parts[0].rules, layout))
         return stacked
 
     def _expected_count(self, rule: Rule) -> tuple[int | None, str]:
@@ -323,7 +318,9 @@ class _Planner:
                 merged = {k: v for value in values for k, v in value.variables.items()}
                 sources = tuple(s for value in values for s in value.sources)
                 rules = tuple(dict.fromkeys(r for value in values for r in value.rules))
-                values = [Value(node, merged, sources, values[0].ops + (step.describe(self._params(step, rule)),), rules)]
+                described = step.describe(self._params(step, rule))
+                layout = self._layout(rule, step, described, [m for value in values for m in value.layout])
+                values = [Value(node, merged, sources, values[0].ops + (described,), rules, layout)]
         return values
 
     def _unary(self, rule: Rule, step: OpStep, value: Value, where: str) -> list[Value]:
@@ -336,8 +333,23 @@ class _Planner:
             if len(outputs) > 1:
                 label = step.names[index] if step.names else str(index)
                 variables[step.fanout_var or ("part" if step.op == "split" else "index")] = label
-            results.append(Value(node, variables, value.sources, value.ops + (step.describe(params),), value.rules))
+            described = step.describe(params)
+            layout = self._layout(rule, step, described, list(value.layout))
+            results.append(Value(node, variables, value.sources, value.ops + (described,), value.rules, layout))
         return results
+
+    def _layout(self, rule: Rule, step: OpStep, described: str, before: list[str]) -> tuple[str, ...]:
+        """Where a tensor's meaning stands after a step: an op that reorders rows or columns
+        (`Op.reorders`: transpose, (de)interleave, concat, split) in a recipe that does not declare
+        `consumer = "transformers"` takes it out of transformers' layout, whatever its shape; the same
+        op applied again with its inverse right after brings it back."""
+        if rule.consumer == "transformers" or not ops.get_op(step.op).reorders:
+            return tuple(dict.fromkeys(before))
+        mark = f"{described} (rule '{rule.name}')"
+        inverse = ops.get_op(step.op).inverse
+        if before and inverse and before[-1].startswith(described.replace(step.op, inverse, 1) + " "):
+            return tuple(dict.fromkeys(before[:-1]))
+        return tuple(dict.fromkeys([*before, mark]))
 
     def _op_node(self, rule: Rule, step: OpStep, inputs: list[Node], index: int, where: str) -> OpNode:
         params = self._params(step, rule)
@@ -371,11 +383,16 @@ class _Planner:
 
     def _target(self, rule: Rule, groups: dict, value: Value) -> str:
         try:
-            return rule.target.format(**groups, **value.variables)
+            return render_template(rule.target, {**groups, **value.variables}, rule.maps)
         except KeyError as error:
             known = sorted({*groups, *value.variables})
             raise PlanError(
                 f"{rule.where}: target uses {{{error.args[0]}}}, which is not defined here; available: {known}"
+            ) from None
+        except LookupError as error:
+            table, missing = error.args
+            raise PlanError(
+                f"{rule.where}: maps.{table} has no entry for '{missing}' (known: {', '.join(rule.maps[table])})"
             ) from None
 
     # ---- after the rules --------------------------------------------------------------------------
@@ -409,6 +426,37 @@ def _ranges(values: list[int]) -> str:
     return ", ".join(spans)
 
 
+LAYOUT_MARKER = "moeconv_layouts"  # config.json: key families not in transformers' layout, and how
+
+
+def _layout_families(tensors) -> dict[str, str]:
+    """{key family (numeric segments collapsed): how it differs from transformers' layout}."""
+    by_how: dict[str, list[str]] = {}
+    for tensor in tensors:
+        if tensor.layout:
+            by_how.setdefault("; ".join(tensor.layout), []).append(tensor.key)
+    return {pattern: how for how, keys in by_how.items() for pattern, _ in collapse_keys(keys)}
+
+
+def _provenance(source: Checkpoint, recipes: list[Recipe], layouts: dict[str, str]) -> dict[str, str]:
+    """Every shard's `__metadata__` (besides "format": "pt"): moeconv's version, the recipes by name
+    and text hash, the layouts that are not transformers', and a hub source's repo and revision.
+    Nothing that depends on the folder or the time: same inputs, same bytes."""
+    named = [
+        {
+            "name": Path(r.origin).name if not r.origin.startswith("preset ") else r.origin,
+            "sha256": hashlib.sha256(r.text.encode()).hexdigest()[:16],
+        }
+        for r in recipes
+    ]
+    metadata = {"moeconv.version": __version__, "moeconv.recipes": json.dumps(named, separators=(",", ":"))}
+    if layouts:
+        metadata["moeconv.layouts"] = json.dumps(layouts, separators=(",", ":"), sort_keys=True)
+    if source.fetch is not None:  # a hub repo: "org/name@commit"
+        metadata["moeconv.source"] = source.origin
+    return metadata
+
+
 def build_plan(
     source: Checkpoint,
     recipes: list[Recipe],
@@ -435,13 +483,16 @@ def build_plan(
     for key in sorted(planner.namespace, key=natural_key):
         entry = planner.namespace[key]
         node = entry.node
-        tensors[key] = PlannedTensor(key, node.dtype, node.shape, entry.sources, entry.rules, entry.ops, node)
+        tensors[key] = PlannedTensor(
+            key, node.dtype, node.shape, entry.sources, entry.rules, entry.ops, node, layout=entry.layout
+        )
         if node.materializes:
             planner.warnings.append(
                 f"'{key}' is computed whole in memory ({node.nbytes / 2**20:.1f} MiB): an op acts on its first axis"
             )
     specs = [TensorSpec(t.key, t.dtype, t.shape) for t in tensors.values()]
-    shards = plan_shards(specs, max_shard_size, align)
+    layouts = _layout_families(tensors.values())
+    shards = plan_shards(specs, max_shard_size, align, _provenance(source, recipes, layouts))
     for layout in shards:
         for key, offset in layout.offsets.items():
             tensors[key].shard, tensors[key].offset = layout.name, offset
@@ -450,6 +501,8 @@ def build_plan(
             planner.warnings.append(f"'{key}' in {layout.name} cannot start {align}-byte aligned ({why})")
 
     config = companions.output_config(source.config, tensors.values(), dtype)
+    if config is not None and layouts:
+        config[LAYOUT_MARKER] = layouts
     return Plan(
         source=source,
         recipes=list(recipes),

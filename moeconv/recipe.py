@@ -19,6 +19,7 @@ families) that may match nothing without a warning. Op parameters are checked ag
 (moeconv.ops); the string "$dtype" stands for the run's --dtype (bf16 when not given).
 """
 
+import dataclasses
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -44,9 +45,12 @@ RULE_KEYS = {
     "model_types",
     "optional",
     "unpaired",
+    "layout",
+    "maps",
 }
 CONFIG_PREFIX = "$config."  # an op parameter's value taken from config.json, e.g. "$config.quantization_config.weight_block_size"
-RECIPE_KEYS = {"description", "rule"}
+RECIPE_KEYS = {"description", "consumer", "rule"}
+CONSUMERS = ("transformers",)  # a recipe that declares one reproduces that loader's own conversions
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,9 @@ class Rule:
     model_types: tuple[str, ...] | None = None
     optional: bool = False  # one of several alternatives (key families): matching nothing is fine
     unpaired: str = "error"  # a key that matches one input but has no partner: "error", or "keep" it as it is
+    layout: str | None = None  # its outputs are in this named layout, not the consumer's (e.g. "gate-up-halves")
+    maps: dict[str, dict[str, str]] = field(default_factory=dict)  # for {name|map} in target
+    consumer: str | None = None  # the recipe's declared consumer: its reordering ops are that loader's layout
     description: str = ""
 
     @property
@@ -100,6 +107,7 @@ class Recipe:
     description: str
     rules: tuple[Rule, ...] = field(default_factory=tuple)
     text: str = ""  # the TOML it was parsed from: the report keeps it so `moeconv verify` can re-plan
+    consumer: str | None = None  # "transformers": its rules reproduce transformers' own conversions
 
 
 def _fail(where: str, message: str) -> RecipeError:
@@ -133,9 +141,15 @@ def _parse_step(where: str, index: int, entry: object) -> OpStep:
         if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
             raise _fail(at, '\'names\' must be a list of strings, e.g. ["gate", "up"]')
         if name == "split":
-            if "parts" in params and params["parts"] != len(names):
-                raise _fail(at, f"'parts' = {params['parts']} but {len(names)} names given")
-            params["parts"] = len(names)
+            count = (
+                len(params["sizes"])
+                if isinstance(params.get("sizes"), list) and params["sizes"]
+                else params.get("parts", len(names))
+            )
+            if count != len(names):
+                raise _fail(at, f"{count} pieces but {len(names)} names given")
+            if not params.get("sizes"):
+                params["parts"] = len(names)
     if fanout_var is not None and not (isinstance(fanout_var, str) and fanout_var.isidentifier()):
         raise _fail(at, "'as' must name a template variable, e.g. as = \"part\"")
     dtype_param = {k for k, v in params.items() if v == "$dtype"}
@@ -165,6 +179,57 @@ def _parse_inputs(where: str, table: dict) -> dict[str, re.Pattern]:
     return inputs
 
 
+# A target template: literal text, {{ and }} for braces, {name} (a named group or fan-out variable)
+# and {name|map} (its value looked up in the rule's `maps.map`). Nothing else: no attribute, index
+# or format spec, so a key can only be made of what the matched keys and the recipe say.
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)(?:\|([A-Za-z_][A-Za-z0-9_]*))?\}|[{}]")
+
+
+def template_parts(template: str) -> list[str | tuple[str, str | None]]:
+    """Literal strings and (name, map or None) placeholders; ValueError on anything else in braces."""
+    parts: list[str | tuple[str, str | None]] = []
+    position = 0
+    for match in _PLACEHOLDER.finditer(template):
+        parts.append(template[position : match.start()])
+        token = match.group(0)
+        if token in ("{{", "}}"):
+            parts.append(token[0])
+        elif match.group(1) is None:
+            raise ValueError(f"'{token}' at character {match.start()}: use {{name}} or {{name|map}}, or {{{{ }}}} for a brace")
+        else:
+            parts.append((match.group(1), match.group(2)))
+        position = match.end()
+    parts.append(template[position:])
+    return [p for p in parts if p != ""]
+
+
+def render_template(template: str, values: dict[str, str], maps: dict[str, dict[str, str]]) -> str:
+    """The key a target template makes from these values; KeyError (the name) for an undefined one,
+    LookupError (map, value) for a value its map lacks."""
+    out = []
+    for part in template_parts(template):
+        if isinstance(part, str):
+            out.append(part)
+            continue
+        name, table = part
+        value = values[name]
+        if table is not None:
+            if value not in maps[table]:
+                raise LookupError(table, value)
+            value = maps[table][value]
+        out.append(value)
+    return "".join(out)
+
+
+def _parse_maps(where: str, table: dict) -> dict[str, dict[str, str]]:
+    maps = table.get("maps", {})
+    if not isinstance(maps, dict) or not all(
+        isinstance(m, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in m.items()) for m in maps.values()
+    ):
+        raise _fail(where, "field 'maps' must be tables of strings, e.g. maps.mlp = { gate_up_proj = \"mlp1\" }")
+    return maps
+
+
 def _parse_target(where: str, table: dict, steps: tuple[OpStep, ...]) -> tuple[str | None, bool]:
     """(target template, drop)."""
     drop = table.get("drop", False)
@@ -177,11 +242,13 @@ def _parse_target(where: str, table: dict, steps: tuple[OpStep, ...]) -> tuple[s
         if not isinstance(target, str) or not target:
             raise _fail(where, "field 'target' is required: a key template such as '{prefix}.gate_up_proj'")
         try:
-            target.format_map({})
-        except KeyError:
-            pass
-        except (ValueError, IndexError) as error:
+            placeholders = [p for p in template_parts(target) if not isinstance(p, str)]
+        except ValueError as error:
             raise _fail(where, f"field 'target' is not a valid template: {error}") from None
+        maps = _parse_maps(where, table)
+        for name, map_name in placeholders:
+            if map_name is not None and map_name not in maps:
+                raise _fail(where, f"target uses {{{name}|{map_name}}} but the rule has no maps.{map_name}")
     return target, drop
 
 
@@ -235,6 +302,9 @@ def _parse_rule(origin: str, index: int, table: object) -> Rule:
     optional = table.get("optional", False)
     if not isinstance(optional, bool):
         raise _fail(where, "field 'optional' must be true or false")
+    layout = table.get("layout")
+    if layout is not None and not (isinstance(layout, str) and layout):
+        raise _fail(where, "field 'layout' must name the layout the rule's outputs are in, e.g. \"gate-up-halves\"")
     unpaired = table.get("unpaired", "error")
     if unpaired not in ("error", "keep"):
         raise _fail(where, 'field \'unpaired\' must be "error" or "keep" (leave a key without partners as it is)')
@@ -250,6 +320,8 @@ def _parse_rule(origin: str, index: int, table: object) -> Rule:
         model_types=model_types,
         optional=optional,
         unpaired=unpaired,
+        layout=layout,
+        maps=_parse_maps(where, table),
         description=table.get("description", ""),
     )
 
@@ -266,7 +338,11 @@ def parse_recipe(text: str, origin: str) -> Recipe:
     rules = data.get("rule", [])
     if not isinstance(rules, list) or not rules:
         raise RecipeError(f"{origin}: no [[rule]] tables")
-    return Recipe(origin, data.get("description", ""), tuple(_parse_rule(origin, i, r) for i, r in enumerate(rules)), text)
+    consumer = data.get("consumer")
+    if consumer is not None and consumer not in CONSUMERS:
+        raise RecipeError(f"{origin}: consumer = {consumer!r} is not one moeconv knows; known: {', '.join(CONSUMERS)}")
+    parsed = tuple(dataclasses.replace(_parse_rule(origin, i, r), consumer=consumer) for i, r in enumerate(rules))
+    return Recipe(origin, data.get("description", ""), parsed, text, consumer)
 
 
 def load_recipe(path: str | Path) -> Recipe:

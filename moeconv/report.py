@@ -78,10 +78,13 @@ class LoadReport:
     mismatched: list[Mismatch] = field(default_factory=list)  # shape (or int/float kind) differs
     # transformers' own `conversion_errors`: a converter (e.g. the expert merge) raised on these keys
     conversion_errors: dict[str, str] = field(default_factory=dict)
+    # keys that load but mean something else than transformers expects (rows reordered, transposed):
+    # key -> how (from the plan, see plan._Planner._layout); never clean
+    layouts: dict[str, str] = field(default_factory=dict)
 
     def ok(self) -> bool:
         """Checked, and nothing missing, unexpected, mismatched or failing to convert."""
-        return self.checked and not (self.missing or self.unexpected or self.mismatched or self.conversion_errors)
+        return self.checked and not (self.missing or self.unexpected or self.mismatched or self.conversion_errors or self.layouts)
 
     def to_json(self) -> dict:
         return {
@@ -93,6 +96,7 @@ class LoadReport:
             "unexpected": list(self.unexpected),
             "mismatched": [asdict(m) for m in self.mismatched],
             "conversion_errors": dict(self.conversion_errors),
+            "layouts": dict(self.layouts),
         }
 
 
@@ -241,6 +245,50 @@ def check_load(planned: Planned, config: dict | None) -> LoadReport:
         return LoadReport(False, reason, consumer)
 
 
+class ReportProcess:
+    """`check_load` in a child process, started now and asked later (`result`), while the caller
+    converts. In a thread, importing transformers and building the model (seconds of pure Python,
+    and cold file reads) held the GIL the conversion's threads need: 1.29x the wall time of an
+    8-layer gpt-oss conversion from cold caches; and transformers sets torch's process-wide default
+    dtype while it builds. The child is forked where the platform can (it starts with what this
+    process imported already) and spawned elsewhere; a daemon, it ends with the conversion."""
+
+    def __init__(self, planned: Planned, config: dict | None):
+        import multiprocessing
+
+        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+        self._answers, child_end = context.Pipe(duplex=False)
+        self._process = context.Process(target=_answer, args=(child_end, planned, config), name="moeconv-report", daemon=True)
+        self._process.start()
+        child_end.close()
+        self._result: LoadReport | None = None
+
+    def result(self) -> LoadReport:
+        """The load report (waits for it); a failure in the child is raised here."""
+        if self._result is None:
+            try:
+                status, value = self._answers.recv()
+            except EOFError:
+                self._process.join()
+                raise MoeconvError(
+                    f"the load report's process ended without an answer (exit code {self._process.exitcode})"
+                ) from None
+            self._process.join()
+            self._answers.close()
+            if status == "error":
+                raise value
+            self._result = value
+        return self._result
+
+
+def _answer(answers, planned: Planned, config: dict | None) -> None:
+    """The child's side of ReportProcess."""
+    try:
+        answers.send(("ok", check_load(planned, config)))
+    except BaseException as error:  # the parent raises it where the report is read
+        answers.send(("error", error))
+
+
 def _simulate_load(model, consumer: str, planned: Planned) -> LoadReport:
     """from_pretrained's loading steps, on meta tensors shaped like the plan."""
     import torch
@@ -320,9 +368,13 @@ def render_report(report: LoadReport, console: Console, *, wide: bool = False) -
 
     if not report.checked:
         console.print(f"[yellow]load report: not checked[/yellow] - {safe(report.reason)}", highlight=False)
+        _render_layouts(report, console)
         return
     if report.ok():
         console.print(f"[green]load report: clean[/green] - {safe(report.consumer)} loads every key, nothing left over")
+        return
+    if not (report.missing or report.unexpected or report.mismatched or report.conversion_errors):
+        _render_layouts(report, console)
         return
 
     def row(pattern: str, status: str, style: str, planned: str = "", expected: str = "", note: str = "") -> KeyRow:
@@ -344,3 +396,27 @@ def render_report(report: LoadReport, console: Console, *, wide: bool = False) -
     if report.conversion_errors:
         counts += f", {len(report.conversion_errors)} conversion errors"
     console.print(counts)
+    _render_layouts(report, console)
+
+
+def layout_lines(report: LoadReport) -> list[str]:
+    """One line per family of keys whose meaning is not transformers' layout, and how."""
+    by_how: dict[str, list[str]] = {}
+    for key, how in report.layouts.items():
+        by_how.setdefault(how, []).append(key)
+    return [f"{pattern}: {how}" for how, keys in by_how.items() for pattern, _ in collapse_keys(keys)]
+
+
+def _render_layouts(report: LoadReport, console: Console) -> None:
+    if not report.layouts:
+        return
+    consumer = report.consumer or "transformers"
+    console.print(
+        f"[red]load report: not clean[/red] - {consumer} would load these keys and compute a different function "
+        "(their rows or columns mean something else than its layout):",
+        highlight=False,
+    )
+    from moeconv.display import printable
+
+    for line in layout_lines(report):
+        console.print(f"  {printable(line)}", markup=False, highlight=False)

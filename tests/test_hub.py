@@ -85,7 +85,16 @@ def cached_repo(hf_cache, gpt_oss_mxfp4_dir) -> Path:
 
 
 def shard_bytes(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
+    """Each shard's data buffer and its header's tensor entries (a hub source also names itself in
+    the header's provenance metadata: `moeconv.source`, the only difference)."""
+    found = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        data = path.read_bytes()
+        length = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + length])
+        header["__metadata__"].pop("moeconv.source", None)
+        found[path.name] = json.dumps(header, sort_keys=True).encode() + data[8 + length :]
+    return found
 
 
 def test_offline_repo_id_converts_like_the_local_folder(cached_repo, gpt_oss_mxfp4_dir, tmp_path):
@@ -95,6 +104,8 @@ def test_offline_repo_id_converts_like_the_local_folder(cached_repo, gpt_oss_mxf
     result = convert(REPO, tmp_path / "from-hub", "-p", "gpt-oss-bf16")
     assert result.exit_code == 0, result.output
     assert shard_bytes(tmp_path / "from-hub") == shard_bytes(tmp_path / "from-local")
+    hub_header = json.loads((tmp_path / "from-hub" / "model.safetensors").read_bytes()[8:].split(b"}}", 1)[0] + b"}}")
+    assert hub_header["__metadata__"]["moeconv.source"] == f"{REPO}@{COMMIT_A[:12]}"
     names = {p.name for p in (tmp_path / "from-hub").iterdir()}
     assert {"config.json", "generation_config.json"} <= names
     assert not any("original" in n or "metal" in n for n in names)
@@ -277,8 +288,13 @@ def test_online_dry_run_plans_from_remote_headers_without_any_weight_file(online
     local = convert(gpt_oss_mxfp4_dir, tmp_path / "out", "-p", "gpt-oss-bf16", "--dry-run", "--json")
     expected = json.loads(local.stdout)
     assert remote["source"] == f"{REPO}@{COMMIT_A[:12]}"
-    for field in ("tensors", "shards", "total_bytes", "files", "warnings"):
+    for field in ("total_bytes", "files", "warnings"):
         assert remote[field] == expected[field], field
+    # the same tensors and shards; offsets differ by the header's provenance (`moeconv.source`) alone
+    for field, varying in (("tensors", "offset"), ("shards", "size")):
+        assert [{k: v for k, v in e.items() if k != varying} for e in remote[field]] == [
+            {k: v for k, v in e.items() if k != varying} for e in expected[field]
+        ], field
     assert ("model_info", REPO, "main", True) in online
     assert ("get_safetensors_metadata", REPO, COMMIT_A) in online  # pinned to the commit model_info resolved
     assert not list(snapshot.glob("*.safetensors")) and not (tmp_path / "out").exists()

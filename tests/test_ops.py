@@ -385,7 +385,7 @@ def test_unknown_op_lists_known_ops():
 
 
 def test_check_params_fills_defaults():
-    assert ops.check_params("split", {}) == {"dim": 0, "parts": 2}
+    assert ops.check_params("split", {}) == {"dim": 0, "parts": 2, "sizes": []}
     assert ops.check_params("deinterleave", {"dim": 1}) == {"dim": 1, "order": "gate-first"}
     assert ops.check_params("dequantize-mxfp4", {}) == {"dtype": "BF16"}  # one spelling inside
     assert ops.check_params("transpose", {"dim0": 1, "dim1": 2}) == {"dim0": 1, "dim1": 2}

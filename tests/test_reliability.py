@@ -653,7 +653,8 @@ def test_same_input_gives_byte_identical_output_from_any_folder(preset, fixture,
     assert str(tmp_path) not in (tmp_path / "a" / "out" / REPORT_NAME).read_text()
     for path in (tmp_path / "a" / "out").glob("*.safetensors"):
         header, _ = split_file(path)
-        assert header["__metadata__"] == {"format": "pt"}
+        assert header["__metadata__"]["format"] == "pt"  # and provenance that names no folder
+        assert str(tmp_path) not in json.dumps(header["__metadata__"]) and "moeconv.recipes" in header["__metadata__"]
 
 
 def test_report_xxh3_hashed_while_writing_matches_the_files(sharded_mixtral_dir, tmp_path):
