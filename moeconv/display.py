@@ -3,8 +3,8 @@
 Tables of keys keep every key whole at any width: `key_table` takes the first layout that fits, from
 full keys with every column; long notes (op chains) as numbered references listed under the table;
 keys as a tree (the part up to a layer or expert index becomes a heading line, the rows under it
-indented); optional columns dropped; to, at last, one record per key. Off a terminal (pipes, CI logs) the first always fits: every
-row stays one greppable line.
+indented); optional columns dropped; to, at last, one record per key. Off a terminal (pipes, CI
+logs) the first always fits: every row stays one greppable line.
 """
 
 import re

@@ -9,7 +9,7 @@ from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeR
 from rich.table import Table
 from rich.text import Text
 
-from moeconv.display import Column, KeyRow, human_bytes, key_table, print_all, safe, shape_text
+from moeconv.display import Column, KeyRow, human_bytes, key_table, print_all, printable, safe, shape_text
 from moeconv.keys import collapse_keys
 from moeconv.plan import Plan, PlannedTensor
 from moeconv.report import render_report
@@ -88,6 +88,14 @@ class _Rate(ProgressColumn):
         return Text("?" if speed is None else f"{human_bytes(int(speed))}/s", style="progress.data.speed")
 
 
+def _seconds(text: str) -> float:
+    """MOECONV_PROGRESS_SECONDS, or the default when unset or not a number of seconds."""
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        return LINE_SECONDS
+
+
 def _clock(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -104,7 +112,7 @@ class Meter:
 
     def __init__(self, console: Console, mode: str, interval: float | None = None):
         self.console, self.mode = console, mode
-        self.interval = interval if interval is not None else float(os.environ.get("MOECONV_PROGRESS_SECONDS", LINE_SECONDS))
+        self.interval = interval if interval is not None else _seconds(os.environ.get("MOECONV_PROGRESS_SECONDS", ""))
         self.lock = threading.Lock()
         self.progress: Progress | None = None
         self.label, self.total, self.done, self.parts, self.noun = "", 0, 0, {}, "file"
@@ -174,5 +182,5 @@ class Meter:
         line = f"{time.strftime('%H:%M:%S')} {self.label}: {human_bytes(self.done)} of {human_bytes(self.total)}{share}"
         line += f", {human_bytes(int(rate))}/s{eta}"
         if finished:
-            line += f"; {finished} done ({human_bytes(self.parts[finished])})"
+            line += f"; {printable(finished)} done ({human_bytes(self.parts[finished])})"
         self.console.print(line, markup=False, highlight=False)
