@@ -5,6 +5,7 @@ LFS oid). Hex digests; a hasher has hashlib's `update()` / `hexdigest()` interfa
 """
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import xxhash
@@ -23,10 +24,12 @@ def new_hasher(algorithm: str = DEFAULT):
         raise ValueError(f"unknown checksum algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}") from None
 
 
-def file_checksum(path: str | Path, algorithm: str = DEFAULT) -> str:
-    """Hex digest of the file at `path` with `algorithm`, read in 16 MiB blocks."""
+def file_checksum(path: str | Path, algorithm: str = DEFAULT, progress: Callable[[int], None] | None = None) -> str:
+    """Hex digest of the file at `path` with `algorithm`, read in 16 MiB blocks (`progress(bytes)` after each)."""
     digest = new_hasher(algorithm)
     with open(path, "rb") as handle:
         while block := handle.read(READ_BYTES):
             digest.update(block)
+            if progress:
+                progress(len(block))
     return digest.hexdigest()

@@ -5,6 +5,7 @@ usage errors are typer's exit code 2. Machine output (--json) is the only thing 
 """
 
 import functools
+import importlib.metadata
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ import typer
 from rich.console import Console
 
 from moeconv import checksum as checksums
-from moeconv.display import safe
+from moeconv.display import printable, safe
 from moeconv.errors import MoeconvError
 
 app = typer.Typer(
@@ -30,6 +31,8 @@ app = typer.Typer(
 )
 stdout = Console(soft_wrap=True)
 stderr = Console(stderr=True, soft_wrap=True)
+# In a terminal, long lines wrap at word boundaries; elsewhere (logs, pipes) they stay one greppable line.
+stdout.soft_wrap, stderr.soft_wrap = not stdout.is_terminal, not stderr.is_terminal
 
 
 def command(name: str | None = None, *, on: typer.Typer | None = None, **kwargs) -> Callable:
@@ -46,7 +49,7 @@ def command(name: str | None = None, *, on: typer.Typer | None = None, **kwargs)
             except MoeconvError as error:
                 if os.environ.get("MOECONV_DEBUG") == "1":
                     raise
-                stderr.print(f"error: {safe(str(error))}", highlight=False)  # one line whatever the message holds
+                stderr.print(f"error: {printable(str(error))}", markup=False, highlight=False)
                 raise typer.Exit(1) from None
             except (KeyboardInterrupt, Terminated) as stop:
                 # The with/finally blocks on the way up removed the file being written (see execute).
@@ -84,7 +87,46 @@ def _raise_on_sigterm():
     return signal.signal(signal.SIGTERM, handler)
 
 
-JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else.")]
+def _show_version(value: bool) -> None:
+    if value:
+        import moeconv
+
+        # getattr: run from a folder holding a clone named moeconv, the package can be a namespace one
+        version = getattr(moeconv, "__version__", None) or importlib.metadata.version("moeconv")
+        stdout.print(f"moeconv {version}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", metavar="", is_eager=True, callback=_show_version, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    pass
+
+
+def Flag(name: str, help: str, *short: str):  # noqa: N802  (reads as a type in signatures)
+    """A boolean flag: no metavar in --help (the flag alone turns it on)."""
+    return typer.Option(name, *short, metavar="", help=help)
+
+
+JsonOption = Annotated[bool, Flag("--json", "Print one JSON object on stdout and nothing else (diagnostics stay on stderr).")]
+WideOption = Annotated[bool, Flag("--wide", "Tables with every key and column in full, however wide the lines get.")]
+QuietOption = Annotated[bool, Flag("--quiet", "Print nothing but warnings and errors (for scripts).", "-q")]
+RevisionOption = Annotated[
+    str | None, typer.Option("--revision", metavar="REV", help="Hub repo ids: branch, tag or commit (default: main).")
+]
+TokenOption = Annotated[
+    str | None,
+    typer.Option("--token", metavar="TOKEN", help="Hub repo ids: access token (default: HF_TOKEN or the stored login)."),
+]
+
+
+def _progress_mode(quiet: bool) -> str:
+    """How progress is shown on stderr: a rich bar in a terminal, plain timestamped lines elsewhere."""
+    return "off" if quiet else "bar" if stderr.is_terminal else "lines"
 
 
 # ---- inspect ---------------------------------------------------------------------------------------
@@ -93,20 +135,28 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object 
 
 @command("inspect")
 def inspect_command(
-    path: Annotated[Path, typer.Argument(help="Checkpoint folder, .safetensors file or index.json.", show_default=False)],
+    src: Annotated[
+        str,
+        typer.Argument(
+            metavar="CKPT", help="Checkpoint folder, .safetensors file, index.json, or hub repo id.", show_default=False
+        ),
+    ],
     as_json: JsonOption = False,
+    wide: WideOption = False,
+    revision: RevisionOption = None,
+    token: TokenOption = None,
 ) -> None:
-    """Show every tensor of a checkpoint (key, dtype, shape, bytes, file, 16-byte alignment), from headers only."""
-    import json
+    """Show every tensor of a checkpoint (key, dtype, shape, bytes, file, 16-byte alignment), from headers only.
 
+    A hub repo id is read from its headers alone (ranged requests), as a dry run does."""
+    from moeconv.hub import open_source
     from moeconv.inspect import inspect_json, render
-    from moeconv.source import Checkpoint
 
-    with Checkpoint.open(path) as checkpoint:
+    with open_source(src, revision=revision, token=token) as checkpoint:
         if as_json:
             typer.echo(json.dumps(inspect_json(checkpoint), indent=2))
         else:
-            render(checkpoint, stdout)
+            render(checkpoint, stdout, wide=wide)
 
 
 # ---- convert ---------------------------------------------------------------------------------------
@@ -128,16 +178,11 @@ def parse_size(text: str) -> int:
     }
     number = text.strip().upper().rstrip()
     unit = number.lstrip("0123456789. ")
-    digits = number[: len(number) - len(unit)]
     try:
-        if len(digits) > 20:  # float() of a 400-digit number is inf, and int(inf) raises
-            raise ValueError(digits)
-        size = int(float(digits) * units[unit.strip()])
-    except (ValueError, KeyError, OverflowError):
+        value = float(number[: len(number) - len(unit)])
+        return int(value * units[unit.strip()])
+    except (ValueError, KeyError):
         raise typer.BadParameter(f"'{text}' is not a size; use e.g. 5GB, 500MB or 2GiB") from None
-    if not 1 <= size <= 2**50:
-        raise typer.BadParameter(f"'{text}': a shard size is from 1 byte to 1 PiB")
-    return size
 
 
 # --checksum choices, straight from moeconv.checksum (hashlib + xxhash: milliseconds to import)
@@ -156,43 +201,48 @@ def load_recipes(presets: list[str], recipes: list[str]) -> list:
 
 @command("convert")
 def convert_command(
-    src: Annotated[str, typer.Argument(help="Source checkpoint: a folder, a .safetensors file, or a hub repo id.")],
-    out: Annotated[Path, typer.Argument(help="Output folder (created; must be empty unless --overwrite).")],
+    src: Annotated[
+        str, typer.Argument(metavar="SRC", help="Source checkpoint: a folder, a .safetensors file, or a hub repo id (org/name).")
+    ],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder (created; must be empty unless --overwrite).")],
     preset: Annotated[
-        list[str], typer.Option("--preset", "-p", help="Built-in preset (see `moeconv presets`); repeatable.")
+        list[str], typer.Option("--preset", "-p", metavar="NAME", help="Built-in preset (see `moeconv presets`); repeatable.")
     ] = [],
     recipe: Annotated[
-        list[str], typer.Option("--recipe", "-r", help="Recipe TOML file, or preset:NAME; repeatable, applied after presets.")
+        list[str],
+        typer.Option(
+            "--recipe", "-r", metavar="FILE", help="Recipe TOML file, or preset:NAME; repeatable, applied after presets."
+        ),
     ] = [],
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan and report only: read headers, write nothing.")] = False,
+    dry_run: Annotated[bool, Flag("--dry-run", "Plan and report only: read headers, write nothing.")] = False,
     json_output: JsonOption = False,
     strict: Annotated[
-        bool, typer.Option("--strict", help="Exit 3 if the load report is not clean; rules that match nothing are errors.")
+        bool, Flag("--strict", "Exit 3 before writing if the load report is not clean; rules that match nothing are errors.")
     ] = False,
     align: Annotated[
-        int, typer.Option("--align", help="Start every tensor at a multiple of N bytes where the format allows.")
+        int, typer.Option("--align", metavar="N", help="Start every tensor at a multiple of N bytes where the format allows.")
     ] = 16,
-    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest shard, e.g. 5GB, 500MB, 2GiB.")] = "5GB",
-    dtype: Annotated[str | None, typer.Option("--dtype", help="Write every floating-point tensor as bf16, fp16 or fp32.")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the contents of a non-empty output folder.")] = False,
-    revision: Annotated[
-        str | None, typer.Option("--revision", help="Hub repo ids: branch, tag or commit to convert (default: main).")
+    max_shard_size: Annotated[
+        str, typer.Option("--max-shard-size", metavar="SIZE", help="Largest shard, e.g. 5GB, 500MB, 2GiB.")
+    ] = "5GB",
+    dtype: Annotated[
+        str | None, typer.Option("--dtype", metavar="DTYPE", help="Write every floating-point tensor as bf16, fp16 or fp32.")
     ] = None,
-    token: Annotated[
-        str | None, typer.Option("--token", help="Hub repo ids: access token (default: HF_TOKEN or the stored login).")
-    ] = None,
+    overwrite: Annotated[bool, Flag("--overwrite", "Replace the contents of a non-empty output folder.")] = False,
+    revision: RevisionOption = None,
+    token: TokenOption = None,
     low_disk: Annotated[
         bool,
-        typer.Option(
+        Flag(
             "--low-disk",
-            help="Hub repo ids: fetch each shard when first needed and delete it from the huggingface_hub cache once converted.",
+            "Hub repo ids: fetch each shard when first needed and delete it from the huggingface_hub cache once converted.",
         ),
     ] = False,
     resume: Annotated[
         bool,
-        typer.Option(
+        Flag(
             "--resume",
-            help="Continue an interrupted run in OUT (same options, --checksum too): keep its finished shards whose checksum still matches, redo the rest.",
+            "Continue an interrupted run in OUT (same options, --checksum too): keep its finished shards whose checksum still matches, redo the rest.",
         ),
     ] = False,
     checksum: Annotated[
@@ -202,16 +252,20 @@ def convert_command(
             help="Hash of every output file in the report, for `moeconv verify` and --resume: xxh3-128 (fast integrity check against accidental change) or sha256 (slower; comparable to the hub's LFS oid).",
         ),
     ] = Checksum(checksums.DEFAULT),
+    quiet: QuietOption = False,
+    wide: WideOption = False,
 ) -> None:
     """Convert a checkpoint with ordered rules (presets and recipes) and write a load report.
 
-    SRC is a local folder or file, or a hub repo id (org/name) read through huggingface_hub (its cache,
-    HF_TOKEN, HF_HUB_OFFLINE); a local path that exists wins. A dry run of a repo id reads headers only."""
+    SRC is a local folder or file, or a hub repo id (org/name) read through huggingface_hub (HF_TOKEN, HF_HUB_OFFLINE).
+    A path (starting with ., / or ~, with more than one /, or whose first folder exists here) is always local.
+    A dry run of a repo id reads headers only.
+
+    Prints the plan before any data moves, then progress (a bar in a terminal, timestamped lines in logs), then the load report."""
     from moeconv.dtypes import parse_user_dtype
-    from moeconv.execute import execute
-    from moeconv.hub import fetch_inputs, open_source
+    from moeconv.hub import open_source
     from moeconv.plan import build_plan
-    from moeconv.render import progress_bar, render_plan
+    from moeconv.render import render_plan
 
     shard_bytes = parse_size(max_shard_size)
     run_dtype = parse_user_dtype(dtype) if dtype else None
@@ -220,29 +274,100 @@ def convert_command(
         raise typer.BadParameter("give at least one --preset or --recipe (see `moeconv presets`)")
     source = open_source(src, revision=revision, token=token, low_disk=low_disk)
     plan = build_plan(source, recipes, dtype=run_dtype, align=align, max_shard_size=shard_bytes, strict=strict)
-    refused = strict and plan.report.checked and not plan.report.ok()
-    if dry_run or refused:
+    refusal = _strict_refusal(plan) if strict else None
+    if dry_run or refusal:
         if json_output:
             stdout.print_json(data=plan.to_json())
-        else:
-            render_plan(plan, stdout)
-        if refused:
-            stderr.print("error: the load report is not clean (--strict); nothing was written", highlight=False)
+        elif not quiet:
+            render_plan(plan, stdout, wide=wide, dry_run=True)
+        if refusal:
+            stderr.print(f"error: {refusal} (--strict); nothing was written", highlight=False)
             raise typer.Exit(3)
+        if quiet:
+            _print_warnings(plan)
+        elif not json_output:
+            stdout.print(f"dry run: nothing was written; {_shards_summary(plan)} would go to {safe(str(out))}", highlight=False)
         return
+    _run(
+        plan,
+        out,
+        overwrite=overwrite,
+        resume=resume,
+        low_disk=low_disk,
+        checksum=checksum.value,
+        json_output=json_output,
+        quiet=quiet,
+        wide=wide,
+    )
+
+
+def _strict_refusal(plan) -> str | None:
+    """--strict: why the plan must not be written (exit 3), or None. Without transformers there is no
+    load report to trust: an error (exit 1) naming the install command."""
+    from moeconv.report import TRANSFORMERS_MISSING
+
+    report = plan.report
+    if report.ok():
+        return None
+    if report.reason == TRANSFORMERS_MISSING:
+        raise MoeconvError(f"--strict needs the load report, but {TRANSFORMERS_MISSING}")
+    if not report.checked:
+        return f"the load report could not be checked ({report.reason})"
+    return "the load report is not clean"
+
+
+def _shards_summary(plan) -> str:
+    from moeconv.display import human_bytes
+
+    return f"{len(plan.shards)} shard{'s' if len(plan.shards) != 1 else ''} ({human_bytes(sum(s.size for s in plan.shards))})"
+
+
+def _print_warnings(plan) -> None:
+    for warning in plan.warnings:
+        stderr.print(f"[yellow]warning:[/] {safe(warning)}", highlight=False)
+
+
+def _run(plan, out: Path, *, overwrite, resume, low_disk, checksum, json_output, quiet, wide) -> None:
+    """Write the plan: once OUT is accepted, the plan table, then progress while the data moves, then
+    the load report."""
+    from moeconv.execute import execute
+    from moeconv.hub import fetch_inputs
+    from moeconv.render import Meter, render_plan
+    from moeconv.report import render_report
+
+    human = not (json_output or quiet)
     plan.start_report()  # computed while the data moves; written last
-    fetch_inputs(plan, low_disk=low_disk)  # hub repo ids: download what the plan reads (no-op for local paths)
-    with progress_bar(stderr, plan, enabled=stderr.is_terminal and not json_output) as progress:
+
+    def started(notes: list[str]) -> None:
+        if human:
+            render_plan(plan, stderr, report=False, wide=wide)
+        elif quiet:
+            _print_warnings(plan)
+        for note in notes if not quiet else ():
+            stderr.print(f"resume: {safe(note)}", highlight=False)
+        if human:
+            stderr.print(f"writing {_shards_summary(plan)} to {safe(str(out))}", highlight=False)
+        fetch_inputs(plan, low_disk=low_disk)  # hub repo ids: download what the plan reads (no-op for local paths)
+        shards = {layout.name: sum(spec.nbytes for spec in layout.order) for layout in plan.shards}
+        meter.phase("writing", plan.total_bytes, shards, noun="shard")
+
+    with Meter(stderr, _progress_mode(quiet)) as meter:
         report = execute(
-            plan, out, overwrite=overwrite, progress=progress, low_disk=low_disk, resume=resume, checksum=checksum.value
+            plan,
+            out,
+            overwrite=overwrite,
+            progress=lambda shard, nbytes: meter.advance(nbytes, shard),
+            started=started,
+            low_disk=low_disk,
+            resume=resume,
+            checksum=checksum,
         )
     if json_output:
         stdout.print_json(data=report)
-    else:
-        render_plan(plan, stderr)
-        stderr.print(
-            f"wrote {safe(out)} ({len(plan.shards)} shard(s), report in {safe(out / 'moeconv-report.json')})", highlight=False
-        )
+    if human:
+        render_report(plan.report, stderr, wide=wide)
+        report_path = safe(str(out / "moeconv-report.json"))
+        stderr.print(f"wrote {safe(str(out))}: {_shards_summary(plan)}, report in {report_path}", highlight=False)
 
 
 # ---- verify ----------------------------------------------------------------------------------------
@@ -250,33 +375,41 @@ def convert_command(
 
 @command("verify")
 def verify_command(
-    out: Annotated[Path, typer.Argument(help="A folder written by `moeconv convert`.", show_default=False)],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="A folder written by `moeconv convert`.", show_default=False)],
     against: Annotated[
         str | None,
         typer.Option(
             "--against",
+            metavar="SRC",
             help="Also recompute every tensor from this source (folder, file or hub repo id) and compare bit for bit.",
         ),
     ] = None,
     sample: Annotated[
         int | None,
         typer.Option(
-            "--sample", help="With --against: compare N evenly spaced rows of axis 0 per tensor (e.g. N experts), not all."
+            "--sample",
+            metavar="N",
+            help="With --against: compare N evenly spaced rows of axis 0 per tensor (e.g. N experts), not all.",
         ),
     ] = None,
     as_json: JsonOption = False,
+    quiet: QuietOption = False,
 ) -> None:
-    """Check OUT against its moeconv-report.json: every file's checksum (the report's algorithm), headers, dtypes, shapes, offsets, alignment."""
+    """Check OUT against its moeconv-report.json: every file's checksum (the report's algorithm), headers, dtypes, shapes, offsets, alignment.
+
+    Progress goes to stderr (a bar in a terminal, timestamped lines in logs) unless --quiet."""
     from moeconv.errors import VerifyError
+    from moeconv.render import Meter
     from moeconv.verify import verify
 
-    result = verify(out, against=against, sample=sample)
+    with Meter(stderr, _progress_mode(quiet)) as meter:
+        result = verify(out, against=against, sample=sample, progress=meter)
     if as_json:
         typer.echo(json.dumps(result.to_json(), indent=2))
     if not result.ok:
         raise VerifyError(result.summary())
-    if not as_json:
-        stdout.print(result.summary(), highlight=False, markup=False)
+    if not (as_json or quiet):
+        stdout.print(printable(result.summary()), highlight=False, markup=False)
 
 
 # ---- presets ---------------------------------------------------------------------------------------

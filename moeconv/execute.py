@@ -220,6 +220,7 @@ def execute(
     low_disk: bool = False,
     resume: bool = False,
     checksum: str = DEFAULT_CHECKSUM,
+    started: Callable[[list[str]], None] | None = None,
 ) -> dict:
     """Write the planned checkpoint to `out_dir`: shards, index, config, small files, then the report.
 
@@ -231,6 +232,9 @@ def execute(
     still hash right are kept, the rest is redone; the result is byte-identical.
     `checksum`: the algorithm (moeconv.checksum.ALGORITHMS) of the report's `checksums` and the
     journal; a journal written with another one is refused for resume.
+    `started(notes)`: called once the output folder is ready (refused or not, --resume decided),
+    before any data is read; `notes` says what --resume kept or redid and why. An error it raises
+    is handled as one of the run.
     `chunk_bytes`: about how much of a tensor is computed at once (default CHUNK_BYTES, or
     MOECONV_CHUNK_BYTES); memory in flight is a small multiple of it.
     Returns the report that was written to `out_dir/moeconv-report.json`.
@@ -253,6 +257,8 @@ def execute(
     largest = min(chunk_bytes, max((t.nbytes for t in plan.tensors.values()), default=0))
     compute = ComputePool(threads, AHEAD_CHUNKS * chunk_bytes, ARENA_CHUNKS * largest)
     try:
+        if started:
+            started(list(output.notes))
         for layout in plan.shards:
             if layout.name in kept:  # its bytes were checked against the journal
                 if progress:

@@ -25,13 +25,18 @@ from moeconv.errors import CheckpointError, HubError, InternalError
 from moeconv.format import INDEX_NAME, SINGLE_NAME
 from moeconv.source import PICKLE_SUFFIXES, Checkpoint, read_header
 
-# org/name, as huggingface_hub accepts it; a path that exists locally always wins over a repo id.
+# org/name, as huggingface_hub accepts it: no leading ".", "/" or "~", exactly one "/".
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
 def is_repo_id(src: str) -> bool:
-    """Is SRC a hub repo id rather than a local path? (An existing local path is never a repo id.)"""
-    return REPO_ID.fullmatch(src) is not None and not Path(src).expanduser().exists()
+    """Is SRC a hub repo id rather than a local path? Anything that looks like a path is local: it
+    starts with ".", "/" or "~", has more than one "/" (or none), names a .safetensors or .json file,
+    or its first folder exists here (so a mistyped `examples/tiny-gpt-os` is "no such folder", never a
+    hub request)."""
+    if REPO_ID.fullmatch(src) is None or src.endswith((".safetensors", ".json")):
+        return False
+    return not Path(src.split("/")[0]).exists()
 
 
 def open_source(src: str, *, revision: str | None = None, token: str | None = None, low_disk: bool = False) -> Checkpoint:
@@ -41,6 +46,12 @@ def open_source(src: str, *, revision: str | None = None, token: str | None = No
         if given:
             what = "local files are never deleted" if low_disk else "a local path has no revisions or tokens"
             raise HubError(f"{src}: {' and '.join(given)} only apply to hub repo ids (org/name); {what}")
+        if REPO_ID.fullmatch(src) and not Path(src).exists() and not src.endswith((".safetensors", ".json")):
+            first = src.split("/")[0]
+            raise CheckpointError(
+                f"{src}: no such file or folder (read as a local path because ./{first} exists here; a hub repo id is"
+                " read from any other folder)"
+            )
         return Checkpoint.open(src)
     from huggingface_hub import constants
 
@@ -98,7 +109,8 @@ def _hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
     except Exception as error:  # the HTTP client's own connection errors (httpx, or requests before 1.0)
         if type(error).__module__.split(".")[0].startswith(("httpx", "requests", "urllib3")):
             raise HubError(
-                f"{at}: cannot reach the hub ({type(error).__name__}); set HF_HUB_OFFLINE=1 to use the cache"
+                f"{at}: read as a hub repo id (no local folder '{repo_id.split('/')[0]}' here), but cannot reach the hub"
+                f" ({type(error).__name__}); check the network, or set HF_HUB_OFFLINE=1 to use the cache"
             ) from None
         raise
 

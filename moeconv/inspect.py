@@ -12,18 +12,22 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from moeconv.display import human_bytes, print_all
+from moeconv.display import Column, KeyRow, human_bytes, key_table, print_all, printable, shape_text
 from moeconv.keys import collapse_keys, natural_key
 from moeconv.source import Checkpoint, TensorInfo
 
 ALIGN = 16  # what "aligned" means here: the data of a tensor starts at a multiple of 16 bytes
 
 
-def _relative(info: TensorInfo, root: Path) -> str:
+def _relative_path(path: Path, root: Path) -> str:
     try:
-        return str(info.file.relative_to(root))
+        return str(path.relative_to(root))
     except ValueError:
-        return str(info.file)
+        return str(path)
+
+
+def _relative(info: TensorInfo, root: Path) -> str:
+    return _relative_path(info.file, root)
 
 
 def inspect_json(checkpoint: Checkpoint) -> dict:
@@ -108,29 +112,43 @@ def _files_cell(names: list[str]) -> str:
     return f"{len(names)} files: {names[0]} .. {names[-1]}"
 
 
-def render(checkpoint: Checkpoint, console: Console) -> None:
-    """The human view: grouped tensor table, bytes per dtype, totals."""
+def _numbers(values: list[int]) -> str:
+    """[1, 2, 3] -> '1...3'; [1, 3] -> '1,3'."""
+    values = sorted(set(values))
+    if len(values) > 2 and values == list(range(values[0], values[-1] + 1)):
+        return f"{values[0]}...{values[-1]}"
+    return ",".join(map(str, values))
+
+
+def _file_legend(names: list[str]) -> str:
+    """What the file numbers stand for: '(file N = model-{00001...00003}-of-00003.safetensors)' when
+    the numbers are the shard numbers, else every file with its number."""
+    matches = [_SHARD_NAME.match(n) for n in names]
+    if all(matches) and [int(m[2]) for m in matches] == list(range(1, len(names) + 1)):
+        return f"(file N = {_files_cell(names)})"
+    return "(files: " + ", ".join(f"{i} = {name}" for i, name in enumerate(names, 1)) + ")"
+
+
+def render(checkpoint: Checkpoint, console: Console, *, wide: bool = False) -> None:
+    """The human view: grouped tensor table (every key whole at the console's width, see
+    moeconv.display.key_table), bytes per dtype, totals."""
     root = checkpoint.root
-    table = Table(title=Text(str(root)), title_justify="left", box=None, pad_edge=False)
-    table.add_column("key", overflow="fold")
-    table.add_column("dtype")
-    table.add_column("shape", overflow="fold")
-    table.add_column("count", justify="right")
-    table.add_column("bytes", justify="right")
-    table.add_column("files", overflow="fold")
-    table.add_column(f"aligned{ALIGN}", justify="right")
-    rows = group_rows(checkpoint)
-    for row in rows:
-        cells = (
-            row.pattern,
-            row.dtype,
-            str(list(row.shape)),
-            f"x{len(row.members)}",
-            human_bytes(row.nbytes),
-            _files_cell([_relative(m, root) for m in row.members]),
-            f"{row.aligned}/{len(row.members)}",
-        )
-        table.add_row(*map(Text, cells))  # Text: names from the file are never read as markup
+    names = [_relative_path(p, root) for p in checkpoint.files]
+    number = {name: i for i, name in enumerate(names, 1)}
+    columns = [Column("dtype"), Column("shape"), Column("count", right=True, optional=True), Column("bytes", right=True)]
+    if len(names) > 1:
+        columns.append(Column("file", optional=True, legend=_file_legend(names)))
+    columns.append(Column(f"aligned{ALIGN}", right=True))
+    rows = []
+    for row in group_rows(checkpoint):
+        cells = [row.dtype, shape_text(row.shape), f"x{len(row.members)}", human_bytes(row.nbytes)]
+        if len(names) > 1:
+            cells.append(_numbers([number[_relative(m, root)] for m in row.members]))
+        cells.append(f"{row.aligned}/{len(row.members)}")
+        rows.append(KeyRow(row.pattern, tuple(cells)))
+    total = sum(info.nbytes for info in checkpoint.tensors.values())
+    title = f"{checkpoint.origin}: {len(checkpoint.tensors)} tensors, {human_bytes(total)}"
+    parts = key_table(console, title, columns, rows, wide=wide)
 
     by_dtype: dict[str, list[int]] = {}
     for info in checkpoint.tensors.values():
@@ -142,12 +160,11 @@ def render(checkpoint: Checkpoint, console: Console) -> None:
     dtype_table.add_column("tensors", justify="right")
     dtype_table.add_column("bytes", justify="right")
     for dtype, (count, nbytes) in sorted(by_dtype.items()):
-        dtype_table.add_row(*map(Text, (dtype, str(count), f"{human_bytes(nbytes)} ({nbytes})")))
+        dtype_table.add_row(*map(Text, (printable(dtype), str(count), f"{human_bytes(nbytes)} ({nbytes})")))
 
-    total = sum(info.nbytes for info in checkpoint.tensors.values())
     aligned = sum(info.begin % ALIGN == 0 for info in checkpoint.tensors.values())
     count = len(checkpoint.tensors)
-    print_all(console, table, "", dtype_table, "")
+    print_all(console, *parts, "", dtype_table, "", wide=wide)
     console.print(
         f"total: {count} tensors, {human_bytes(total)} ({total} bytes), {len(checkpoint.files)} files, "
         f"{aligned}/{count} {ALIGN}-byte aligned",

@@ -52,6 +52,40 @@ def plan_fingerprint(plan: Plan, checksum: str = DEFAULT_CHECKSUM) -> str:
     return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()
 
 
+# The options a journal records next to its fingerprint, and the command-line spelling of each.
+OPTION_FLAGS = {
+    "source": "SRC",
+    "recipes": "--preset/--recipe",
+    "dtype": "--dtype",
+    "align": "--align",
+    "max_shard_size": "--max-shard-size",
+    "checksum": "--checksum",
+}
+
+
+def run_options(plan: Plan, checksum: str) -> dict:
+    """The options of a run, as the journal records them (to name the one a --resume changed)."""
+    rebuild = plan.rebuild()
+    return {
+        "source": plan.source.origin,
+        "recipes": [r.origin for r in plan.recipes],
+        **{k: rebuild[k] for k in ("dtype", "align", "max_shard_size")},
+        "checksum": checksum,
+    }
+
+
+def _changed_options(recorded, options: dict) -> str:
+    """'--max-shard-size 1000000 then, 5000000000 now' for every option that differs ('' if none)."""
+    if not isinstance(recorded, dict):
+        return ""
+    changed = [
+        f"{flag} {json.dumps(recorded.get(name))} then, {json.dumps(options.get(name))} now"
+        for name, flag in OPTION_FLAGS.items()
+        if recorded.get(name) != options.get(name)
+    ]
+    return "; ".join(changed)
+
+
 def _leftovers(out: Path) -> list[Path]:
     """Temp files of unfinished writes and staged shards of an unfinished run."""
     return [*out.glob(".*.tmp"), *out.glob(".*.staged")]
@@ -73,7 +107,9 @@ class Output:
         self.plan = plan
         self.overwrite, self.resume, self.checksum = overwrite, resume, checksum
         self.fingerprint = plan_fingerprint(plan, checksum)
+        self.options = run_options(plan, checksum)
         self.finished: dict[str, dict] = {}
+        self.notes: list[str] = []  # what --resume kept or redid, and why
 
     def open(self) -> dict[str, dict]:
         """Take the folder's lock for the run's life, make the folder ready (refusals, --overwrite,
@@ -86,10 +122,15 @@ class Output:
                 resume=self.resume,
                 fingerprint=self.fingerprint,
                 checksum=self.checksum,
+                options=self.options,
+                notes=self.notes,
             )
         except BaseException:
             self._release()
             raise
+        if self.resume and self.notes:
+            todo = len(self.plan.shards) - len(self.finished)
+            self.notes.append(f"kept {len(self.finished)} of {len(self.plan.shards)} shard(s); writing {todo}")
         try:
             self._write_journal()
         except BaseException as error:
@@ -106,7 +147,7 @@ class Output:
         self._write_journal()
 
     def _write_journal(self) -> None:
-        data = {"fingerprint": self.fingerprint, "algorithm": self.checksum, "shards": self.finished}
+        data = {"fingerprint": self.fingerprint, "options": self.options, "algorithm": self.checksum, "shards": self.finished}
         atomic_write_bytes(self.dir / JOURNAL_NAME, (json.dumps(data, indent=2) + "\n").encode(), sync=False)
 
     def finalize(self, extra: dict | None = None) -> dict:
@@ -206,6 +247,8 @@ def _prepare(
     resume: bool = False,
     fingerprint: str | None = None,
     checksum: str = DEFAULT_CHECKSUM,
+    options: dict | None = None,
+    notes: list[str] | None = None,
 ) -> dict[str, dict]:
     """Refuse an output folder that is not empty (unless overwrite or resume).
 
@@ -220,7 +263,7 @@ def _prepare(
     journal = out / JOURNAL_NAME
     if any(p.name != LOCK_NAME for p in out.iterdir()):
         if resume and journal.is_file():
-            kept = _resume(out_dir, fingerprint, overwrite, checksum)
+            kept = _resume(out_dir, fingerprint, overwrite, checksum, options or {}, notes if notes is not None else [])
             if kept is not None:
                 return kept
         elif not overwrite:
@@ -265,10 +308,12 @@ def _clear_previous(out: Path) -> None:
         raise WriteError(f"{error.filename}: cannot delete this file of the replaced output: {error.strerror or error}") from None
 
 
-def _resume(out_dir: Path, fingerprint: str | None, overwrite: bool, checksum: str) -> dict[str, dict] | None:
+def _resume(
+    out_dir: Path, fingerprint: str | None, overwrite: bool, checksum: str, options: dict, notes: list[str]
+) -> dict[str, dict] | None:
     """Check the journal against the plan and checksum algorithm; keep each journaled shard whose
     file still hashes right, delete everything else an unfinished run left. None: start over
-    (--overwrite, journal unusable)."""
+    (--overwrite, journal unusable). `notes` receives one line per journaled shard: kept or redone, and why."""
     out = out_dir.resolve()
     try:
         journal = json.loads((out / JOURNAL_NAME).read_text(encoding="utf-8"))
@@ -293,6 +338,12 @@ def _resume(out_dir: Path, fingerprint: str | None, overwrite: bool, checksum: s
     if journal.get("fingerprint") != fingerprint:
         if overwrite:
             return None
+        changed = _changed_options(journal.get("options"), options)
+        if changed:
+            raise WriteError(
+                f"{out_dir}: the unfinished conversion there was planned with other options ({changed});"
+                " rerun with the same ones, or pass --overwrite to start over"
+            )
         raise WriteError(
             f"{out_dir}: the unfinished conversion there was planned from another source, recipes or options;"
             " rerun with the same ones, or pass --overwrite to start over"
@@ -307,14 +358,17 @@ def _resume(out_dir: Path, fingerprint: str | None, overwrite: bool, checksum: s
             continue
         staged, final = out / staged_name(name), out / name
         found = staged if staged.is_file() else final if final.is_file() else None
-        if (
-            found is not None
-            and found.stat().st_size == entry.get("size")
-            and file_checksum(found, checksum) == entry.get("checksum")
-        ):
+        if found is None:
+            notes.append(f"redoing {name}: its file is gone")
+        elif found.stat().st_size != entry.get("size"):
+            notes.append(f"redoing {name}: {found.stat().st_size} bytes, the journal says {entry.get('size')}")
+        elif file_checksum(found, checksum) != entry.get("checksum"):
+            notes.append(f"redoing {name}: its {checksum} differs from the journal's (the file changed)")
+        else:
             if found == final:
                 os.replace(final, staged)
             kept[name] = {"size": entry["size"], "checksum": entry["checksum"]}
+            notes.append(f"kept {name}: finished before, its {checksum} still matches the journal")
     for path in out.glob(".*.staged"):
         if path.name.removeprefix(".").removesuffix(".staged") not in kept:
             path.unlink()

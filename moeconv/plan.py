@@ -169,9 +169,10 @@ class _Planner:
     # ---- one rule ---------------------------------------------------------------------------------
 
     def apply_recipe(self, recipe: Recipe, strict: bool) -> None:
-        matched = [self.apply_rule(rule, strict) for rule in recipe.rules]
-        if not any(matched):
-            self._unmatched(f"{recipe.origin}: no rule matched any key; the checkpoint is not what this recipe is for", strict)
+        """Apply the rules in order. A rule that matches nothing is named (a warning, an error with
+        --strict) unless it is optional or its model_types exclude this checkpoint: those are silent."""
+        for rule in recipe.rules:
+            self.apply_rule(rule, strict)
 
     def _unmatched(self, message: str, strict: bool) -> None:
         if strict:

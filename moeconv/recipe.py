@@ -23,7 +23,6 @@ import dataclasses
 import re
 import tomllib
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import re2
@@ -384,17 +383,23 @@ def load_recipe(path: str | Path) -> Recipe:
     return parse_recipe(text, str(path))
 
 
+def _presets_folder() -> Path:
+    # Next to this file, not resources.files("moeconv"): run from the folder that holds a clone named
+    # moeconv, an editable install's package is shadowed by that folder as a namespace package (the
+    # path finder sees it before the install's import hook), so "moeconv" would be the clone's root.
+    return Path(__file__).with_name("presets")
+
+
 def preset_names() -> list[str]:
     """Names of the built-in presets (TOML files shipped in moeconv/presets)."""
-    folder = resources.files("moeconv") / "presets"
-    return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
+    return sorted(p.name.removesuffix(".toml") for p in _presets_folder().iterdir() if p.name.endswith(".toml"))
 
 
 def preset_text(name: str) -> str:
     """The TOML text of a built-in preset."""
     if name not in preset_names():
         raise RecipeError(f"unknown preset '{name}'; known presets: {', '.join(preset_names())}")
-    return (resources.files("moeconv") / "presets" / f"{name}.toml").read_text(encoding="utf-8")
+    return _presets_folder().joinpath(f"{name}.toml").read_text(encoding="utf-8")
 
 
 def load_preset(name: str) -> Recipe:

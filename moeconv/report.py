@@ -51,7 +51,8 @@ if TYPE_CHECKING:
     import torch
     from rich.console import Console
 
-TRANSFORMERS_MISSING = "transformers is not installed: pip install 'moeconv[transformers]'"
+# The install command works however moeconv was installed (the range is pyproject.toml's "transformers" extra).
+TRANSFORMERS_MISSING = "transformers is not installed: pip install 'transformers>=5.0,<6'"
 
 Planned = dict[str, tuple[str, tuple[int, ...]]]
 
@@ -373,45 +374,38 @@ def _shape(entry: dict) -> str:
     return f"{entry['dtype']} {text}" if entry.get("dtype") else text
 
 
-def render_report(report: LoadReport, console: Console) -> None:
+def render_report(report: LoadReport, console: Console, *, wide: bool = False) -> None:
     """A table like transformers' LOAD REPORT, numeric segments collapsed
     (`model.layers.{0...23}.mlp.experts.gate_up_proj_scales | UNEXPECTED`); or one line saying the
     load could not be checked and why; or one line saying it is clean."""
-    from rich.table import Table
-
-    from moeconv.display import print_all, safe
+    from moeconv.display import Column, KeyRow, key_table, print_all, safe
 
     if not report.checked:
         console.print(f"[yellow]load report: not checked[/yellow] - {safe(report.reason)}", highlight=False)
         _render_layouts(report, console)
         return
     if report.ok():
-        console.print(
-            f"[green]load report: clean[/green] - {safe(report.consumer)} loads every key, nothing left over", highlight=False
-        )
+        console.print(f"[green]load report: clean[/green] - {safe(report.consumer)} loads every key, nothing left over")
         return
     if not (report.missing or report.unexpected or report.mismatched or report.conversion_errors):
         _render_layouts(report, console)
         return
 
-    table = Table(title=f"LOAD REPORT vs {report.consumer}", title_justify="left")
-    table.add_column("key", overflow="fold")
-    table.add_column("status")
-    table.add_column("checkpoint (planned)")
-    table.add_column("model (expected)")
-    for pattern, _ in collapse_keys(report.unexpected):
-        table.add_row(safe(pattern), "[dark_orange]UNEXPECTED[/dark_orange]", "", "")
-    for pattern, _ in collapse_keys(report.missing):
-        table.add_row(safe(pattern), "[red]MISSING[/red]", "", "")
+    def row(pattern: str, status: str, style: str, planned: str = "", expected: str = "", note: str = "") -> KeyRow:
+        return KeyRow(pattern, (status, planned, expected), note, (style, "", ""))
+
+    rows = [row(p, "UNEXPECTED", "dark_orange") for p, _ in collapse_keys(report.unexpected)]
+    rows += [row(p, "MISSING", "red") for p, _ in collapse_keys(report.missing)]
     by_shapes: dict[tuple[str, str], list[str]] = {}
     for m in report.mismatched:
         by_shapes.setdefault((_shape(m.actual), _shape(m.expected)), []).append(m.key)
     for (actual, expected), keys in by_shapes.items():
-        for pattern, _ in collapse_keys(keys):
-            table.add_row(safe(pattern), "[purple]MISMATCHED[/purple]", actual, expected)
+        rows += [row(p, "MISMATCHED", "purple", actual, expected) for p, _ in collapse_keys(keys)]
     for pattern, members in collapse_keys(report.conversion_errors):
-        table.add_row(safe(pattern), "[red]CONVERSION ERROR[/red]", safe(report.conversion_errors[members[0]]), "")
-    print_all(console, table)
+        rows.append(row(pattern, "CONVERSION ERROR", "red", note=report.conversion_errors[members[0]]))
+    columns = [Column("status"), Column("planned"), Column("expected")]
+    title = f"LOAD REPORT vs {report.consumer}"
+    print_all(console, *key_table(console, title, columns, rows, note_header="error", wide=wide), wide=wide)
     counts = f"{len(report.missing)} missing, {len(report.unexpected)} unexpected, {len(report.mismatched)} mismatched"
     if report.conversion_errors:
         counts += f", {len(report.conversion_errors)} conversion errors"
@@ -438,5 +432,7 @@ def _render_layouts(report: LoadReport, console: Console) -> None:
         "(their rows or columns mean something else than its layout):",
         highlight=False,
     )
+    from moeconv.display import printable
+
     for line in layout_lines(report):
-        console.print(f"  {safe(line)}", highlight=False)
+        console.print(f"  {printable(line)}", markup=False, highlight=False)

@@ -94,10 +94,13 @@ def _load_report(out: Path) -> dict:
     return report
 
 
-def _check_hashes(out: Path, report: dict, result: VerifyResult) -> set[str]:
+def _check_hashes(out: Path, report: dict, result: VerifyResult, progress=None) -> set[str]:
     """Checksum of every file the report lists; the names of the files that are missing."""
     algorithm = result.algorithm = report["checksums"]["algorithm"]
     missing = set()
+    if progress:
+        sizes = {n: (out / n).stat().st_size for n in report["checksums"]["files"] if Path(n).name == n and (out / n).is_file()}
+        progress.phase(f"checking {algorithm}", sum(sizes.values()), sizes)
     for name, digest in report["checksums"]["files"].items():
         path = out / name
         if Path(name).name != name:
@@ -107,7 +110,7 @@ def _check_hashes(out: Path, report: dict, result: VerifyResult) -> set[str]:
             result.problems.append(f"{path}: missing (the report lists it)")
             missing.add(name)
             continue
-        got = file_checksum(path, algorithm)
+        got = file_checksum(path, algorithm, progress and (lambda n, name=name: progress.advance(n, name)))
         result.files += 1
         if got != digest:
             result.problems.append(
@@ -208,8 +211,25 @@ def sample_rows(length: int, count: int) -> list[int]:
     return sorted({round(i * (length - 1) / (count - 1)) for i in range(count)})
 
 
-def _check_values(out: Path, plan, result: VerifyResult, skip: set[str], sample: int | None, chunk_bytes: int) -> None:
+def _compared_bytes(plan, skip: set[str], sample: int | None) -> int:
+    """How many bytes _check_values compares (for progress)."""
+    total = 0
+    for tensor in plan.tensors.values():
+        if tensor.shard in skip:
+            continue
+        if sample is not None and tensor.shape and tensor.shape[0]:
+            total += tensor.nbytes // tensor.shape[0] * len(sample_rows(tensor.shape[0], sample))
+        else:
+            total += tensor.nbytes
+    return total
+
+
+def _check_values(
+    out: Path, plan, result: VerifyResult, skip: set[str], sample: int | None, chunk_bytes: int, progress=None
+) -> None:
     """Recompute every output tensor (or sampled rows) and compare bytes; stop at the first difference."""
+    if progress:
+        progress.phase("comparing with the source", _compared_bytes(plan, skip, sample))
     handles: dict[str, int] = {}
     try:
         for key, tensor in plan.tensors.items():
@@ -238,6 +258,8 @@ def _check_values(out: Path, plan, result: VerifyResult, skip: set[str], sample:
                     )
                     tensor.node.release()
                     return
+                if progress:
+                    progress.advance(len(expected))
                 if rows is None or rows.inner is None or rows.inner[1] == tensor.shape[1]:  # a row is done
                     result.rows += (rows.stop - rows.start) if rows else 1
             tensor.node.release()
@@ -248,20 +270,22 @@ def _check_values(out: Path, plan, result: VerifyResult, skip: set[str], sample:
 
 
 def verify(
-    out: str | Path, against: str | None = None, sample: int | None = None, chunk_bytes: int = CHUNK_BYTES
+    out: str | Path, against: str | None = None, sample: int | None = None, chunk_bytes: int = CHUNK_BYTES, progress=None
 ) -> VerifyResult:
-    """Check `out` against its report (and against the source `against`); see the module doc."""
+    """Check `out` against its report (and against the source `against`); see the module doc.
+    `progress`: an object with `phase(label, total_bytes, parts=None)` and `advance(nbytes, part=None)`
+    (moeconv.render.Meter), told about the bytes hashed and compared."""
     if sample is not None and sample < 1:
         raise VerifyError(f"--sample must be at least 1, got {sample}")
     out = Path(out)
     report = _load_report(out)
     result = VerifyResult(out)
-    missing = _check_hashes(out, report, result)
+    missing = _check_hashes(out, report, result, progress)
     _check_layout(out, report, result, missing)
     if against is not None:
         plan = _rebuild_plan(report, against)
         if _check_plan(plan, report, result):
             skip = {name for name in {t.shard for t in plan.tensors.values()} if not (out / name).is_file()}
-            _check_values(out, plan, result, skip, sample, chunk_bytes)
+            _check_values(out, plan, result, skip, sample, chunk_bytes, progress)
         plan.source.close()
     return result

@@ -181,13 +181,13 @@ def test_sharded_per_expert(sharded_mixtral_dir, mixtral_dir):
 # gpt-oss MXFP4 (built with transformers, and the committed transformers-free example)
 # ------------------------------------------------------------------------------------------------
 
-GPT_OSS_EXPERT_LAYOUT = {  # suffix -> (dtype, shape) for E=4, H=I=64
-    "gate_up_proj_blocks": ("U8", [4, 128, 2, 16]),
-    "gate_up_proj_scales": ("U8", [4, 128, 2]),
-    "gate_up_proj_bias": ("BF16", [4, 128]),
-    "down_proj_blocks": ("U8", [4, 64, 2, 16]),
-    "down_proj_scales": ("U8", [4, 64, 2]),
-    "down_proj_bias": ("BF16", [4, 64]),
+GPT_OSS_EXPERT_LAYOUT = {  # suffix -> (dtype, shape after E) for H=I=64
+    "gate_up_proj_blocks": ("U8", [128, 2, 16]),
+    "gate_up_proj_scales": ("U8", [128, 2]),
+    "gate_up_proj_bias": ("BF16", [128]),
+    "down_proj_blocks": ("U8", [64, 2, 16]),
+    "down_proj_scales": ("U8", [64, 2]),
+    "down_proj_bias": ("BF16", [64]),
 }
 
 
@@ -212,10 +212,11 @@ def test_gpt_oss_hub_layout(gpt_oss_dir):
     assert set(headers) == set(index["weight_map"])
     total = sum(v["data_offsets"][1] - v["data_offsets"][0] for v in headers.values())
     assert index["metadata"]["total_size"] == total
+    experts = json.loads((gpt_oss_dir / "config.json").read_text())["num_local_experts"]
     for layer in range(2):
         for suffix, (dtype, shape) in GPT_OSS_EXPERT_LAYOUT.items():
             entry = headers[f"model.layers.{layer}.mlp.experts.{suffix}"]
-            assert (entry["dtype"], entry["shape"]) == (dtype, shape), suffix
+            assert (entry["dtype"], entry["shape"]) == (dtype, [experts, *shape]), suffix
     others = {k: v for k, v in headers.items() if ".experts." not in k}
     assert all(v["dtype"] == "BF16" for v in others.values())
     for k in (
@@ -263,7 +264,7 @@ def test_gpt_oss_transformers_load_dequantized(gpt_oss_dir):
     for k, t in ref.items():
         assert sd[k].dtype == torch.bfloat16
         assert torch.equal(sd[k], t), k
-    e, h, i = 4, 64, 64
+    e, h, i = model.config.num_local_experts, 64, 64
     assert sd["model.layers.0.mlp.experts.gate_up_proj"].shape == (e, h, 2 * i)
     assert sd["model.layers.0.mlp.experts.down_proj"].shape == (e, i, h)
 

@@ -1,9 +1,13 @@
 """examples/: every recipe parses and does what its comment says on a fixture (dry run, --strict);
-the prebake workflow is valid YAML and uses only flags the installed CLIs have."""
+the prebake workflow runs, step by step, as CI would run it (against an offline hub cache holding the
+tiny example, with pip and the hub upload replaced by local stand-ins)."""
 
+import json
 import os
+import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -113,3 +117,79 @@ def test_prebake_workflow_is_valid_and_uses_existing_flags():
         and "--repo-type" in usage.stdout
         and "--commit-message" in usage.stdout
     )
+
+
+def _shims(bin_dir: Path, record: Path) -> None:
+    """moeconv and python from this checkout; pip a no-op (the environment is installed); hf: `version`,
+    and `upload` checked and recorded instead of sent."""
+    repo = EXAMPLES.parent
+    scripts = {
+        "moeconv": f'exec "{sys.executable}" -m moeconv "$@"',
+        "python": f'if [ "$1 $2" = "-m pip" ]; then echo "pip $*" >> "{record}"; exit 0; fi\nexec "{sys.executable}" "$@"',
+        "hf": (
+            f'case "$1" in version) echo "hf stand-in";;\n'
+            f'upload) test -f "$3/moeconv-report.json" && test "$4" = . && echo "upload $*" >> "{record}";;\n'
+            "*) exit 2;; esac"
+        ),
+    }
+    bin_dir.mkdir()
+    for name, body in scripts.items():
+        path = bin_dir / name
+        path.write_text(f"#!/bin/sh\nexport PYTHONPATH={repo}\n{body}\n")
+        path.chmod(0o755)
+
+
+def _expand(text: str, values: dict[str, str]) -> str:
+    """GitHub's ${{ ... }} expressions, from `values` (an unknown one fails the test)."""
+    return re.sub(r"\$\{\{\s*([\w.]+)\s*\}\}", lambda m: values[m[1]], text)
+
+
+def test_prebake_workflow_runs_as_written(tmp_path, tiny_gpt_oss_example_dir):
+    from test_hub import add_snapshot
+
+    workflow = yaml.safe_load((EXAMPLES / "github-actions-prebake.yml").read_text())
+    job = workflow["jobs"]["prebake"]
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    inputs = workflow[True]["workflow_dispatch"]["inputs"]  # YAML 1.1 reads the key `on` as true
+    values = {
+        "github.workspace": str(workspace),
+        "secrets.HF_TOKEN": "",
+        "inputs.source": "acme/tiny-gpt-oss",
+        "inputs.revision": inputs["revision"]["default"],
+        "inputs.preset": inputs["preset"]["default"],
+        "inputs.target": "acme/tiny-gpt-oss-bf16",
+    }
+    record = tmp_path / "record.txt"
+    _shims(tmp_path / "bin", record)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    env.update({k: _expand(str(v), values) for k, v in job["env"].items()})
+    env.update(PATH=f"{tmp_path / 'bin'}:{env['PATH']}", HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
+    add_snapshot(Path(env["HF_HOME"]) / "hub", "acme/tiny-gpt-oss", "c" * 40, tiny_gpt_oss_example_dir, refs=("main",))
+
+    ran = []
+    for step in job["steps"]:
+        if "run" not in step:
+            continue
+        script = _expand(step["run"], values)
+        proc = subprocess.run(
+            ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", script],
+            cwd=workspace,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, f"step {step['name']!r} failed:\n{proc.stdout}\n{proc.stderr}"
+        ran.append((step["name"], proc.stdout))
+    assert len(ran) == 5
+    out = workspace / "out"
+    report = json.loads((out / "moeconv-report.json").read_text())
+    assert report["ok"] and report["low_disk"] and report["source"] == "acme/tiny-gpt-oss@" + "c" * 12
+    assert json.loads((workspace / "convert.json").read_text())["checksums"] == report["checksums"]
+    assert ran[3][1].splitlines()[-1].startswith(f"{len(report['tensors'])} tensors, ")  # the check step's summary
+    uploads = [line for line in record.read_text().splitlines() if line.startswith("upload ")]
+    assert uploads == [
+        f"upload upload acme/tiny-gpt-oss-bf16 {out} . --repo-type model --commit-message moeconv gpt-oss-bf16 of acme/tiny-gpt-oss@main"
+    ]
+    assert "torch==2.13.0" in record.read_text()

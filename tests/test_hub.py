@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import HfApi, ModelInfo, constants
 from huggingface_hub.utils import SafetensorsFileMetadata, SafetensorsRepoMetadata, TensorInfo
+from output_lines import error_line
 from typer.testing import CliRunner
 
 from moeconv.cli import app
@@ -327,7 +328,7 @@ def test_a_downloaded_shard_that_differs_from_its_planned_header_is_refused(onli
     victim.unlink()
     victim.write_bytes(bytes(data[:-1]))  # truncated download
     result = convert(REPO, tmp_path / "out", "-p", "gpt-oss-bf16")
-    assert result.exit_code == 1 and victim.name in result.stderr and "\n" not in result.stderr.strip()
+    assert result.exit_code == 1 and victim.name in error_line(result.stderr)
 
 
 def test_missing_or_gated_repo_is_one_line_error(hf_cache, monkeypatch):
@@ -352,3 +353,64 @@ def test_unreachable_hub_is_one_line_error(hf_cache, monkeypatch):
     result = convert(REPO, "out", "-p", "gpt-oss-bf16", "--dry-run")
     assert result.exit_code == 1
     assert "cannot reach the hub" in result.stderr and "HF_HUB_OFFLINE=1" in result.stderr and "\n" not in result.stderr.strip()
+
+
+# ---- local paths vs repo ids, inspect of repo ids -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "src, repo",
+    [
+        ("acme/tiny", True),
+        ("openai/gpt-oss-20b", True),
+        ("./acme/tiny", False),
+        ("/acme/tiny", False),
+        ("~/acme/tiny", False),
+        ("acme/tiny/sub", False),
+        ("tiny", False),
+        ("acme/model.safetensors", False),
+        ("acme/model.safetensors.index.json", False),
+        ("examples/tiny", False),  # ./examples exists (the test runs from the repository)
+    ],
+)
+def test_what_is_a_repo_id(src, repo, monkeypatch):
+    from moeconv.hub import is_repo_id
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    assert is_repo_id(src) is repo
+
+
+def test_a_mistyped_local_path_is_no_such_folder_never_a_hub_request(hf_cache, monkeypatch, tmp_path):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # a request would go to the closed port
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "examples").mkdir()
+    for src in ("./examples/tiny-gpt-os", "examples/tiny-gpt-os", "examples/a/b", str(tmp_path / "nope")):
+        result = convert(src, tmp_path / "out", "-p", "gpt-oss-bf16", "--dry-run")
+        assert result.exit_code == 1
+        line = error_line(result.stderr)
+        assert "no such file or folder" in line and "hub" not in line.replace("a hub repo id is", ""), line
+    line = error_line(convert("examples/tiny-gpt-os", tmp_path / "out", "-p", "gpt-oss-bf16").stderr)
+    assert "read as a local path because ./examples exists here" in line
+
+
+def test_an_unreachable_repo_id_says_it_was_read_as_one(hf_cache, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the endpoint is a closed local port
+    line = error_line(convert(REPO, "out", "-p", "gpt-oss-bf16", "--dry-run").stderr)
+    assert line.startswith(f"error: {REPO}: read as a hub repo id (no local folder 'acme' here), but cannot reach the hub")
+
+
+def test_inspect_takes_a_cached_repo_id(cached_repo, gpt_oss_mxfp4_dir):
+    local = json.loads(CliRunner().invoke(app, ["inspect", str(gpt_oss_mxfp4_dir), "--json"]).stdout)
+    result = CliRunner().invoke(app, ["inspect", REPO, "--json"])
+    assert result.exit_code == 0, result.output
+    remote = json.loads(result.stdout)
+    assert remote["tensors"] == local["tensors"] and remote["files"] == local["files"]
+
+
+def test_inspect_of_a_repo_id_reads_headers_only(online, hf_cache, gpt_oss_mxfp4_dir, tmp_path):
+    snapshot = cache_small_files(hf_cache, gpt_oss_mxfp4_dir, tmp_path, shards=False)
+    result = CliRunner().invoke(app, ["inspect", REPO, "--revision", "main"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"{REPO}@{COMMIT_A[:12]}: ")
+    assert "model.layers.{0...1}.mlp.experts.gate_up_proj_blocks" in result.stdout
+    assert ("model_info", REPO, "main", True) in online and not list(snapshot.glob("*.safetensors"))

@@ -81,7 +81,8 @@ def test_human_view_collapses_and_counts(sharded):
     line = row_of(out, "model.layers.{0...23}.mlp.experts.down_proj_blocks")
     assert line.split()[1:7] == ["U8", "[2,", "4,", "1,", "16]", "x24"]
     assert "3.00 KiB" in line  # 24 x 128 B
-    assert "model-{00001...00003}-of-00003.safetensors" in line
+    assert line.split()[-2] == "1...3"  # file numbers, explained under the table
+    assert "\n(file N = model-{00001...00003}-of-00003.safetensors)\n" in out
     assert line.split()[-1] == f"{aligned(blocks)}/24"
 
     router = [f"model.layers.{i}.mlp.router.weight" for i in range(LAYERS - 1)]

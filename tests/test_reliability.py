@@ -2,8 +2,9 @@
 `moeconv convert` (CliRunner on moeconv.cli.app, and real `python -m moeconv` subprocesses where a
 traceback, a signal or a resource limit is the point).
 
-Every failure must be exit 1 (130/143 for SIGINT/SIGTERM) with ONE stderr line naming the file or
-key and the problem, and leave nothing in OUT that looks complete: no report, no index, no
+Every failure must be exit 1 (130/143 for SIGINT/SIGTERM) with ONE error line on stderr naming the
+file or key and the problem (the last line: a run that had started writing printed its plan and
+progress before it), and leave nothing in OUT that looks complete: no report, no index, no
 final-named shard, no temp file.
 """
 
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import safetensors_bytes as sb
+from output_lines import error_line
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -52,12 +54,11 @@ def leftovers(out: Path) -> list[str]:
 def assert_clean_failure(result, out: Path, *needles: str, code: int = 1) -> str:
     assert result.exit_code == code, result.output
     assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
+    line = error_line(result.stderr)
     for needle in needles:
-        assert needle in lines[0], lines[0]
+        assert needle in line, line
     assert leftovers(out) == []
-    return lines[0]
+    return line
 
 
 # ---- forging bad checkpoints ------------------------------------------------------------------------
@@ -412,8 +413,7 @@ def test_file_size_limit_in_a_real_process(single, tmp_path):
         timeout=300,
     )
     assert proc.returncode == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
-    (line,) = proc.stderr.strip().splitlines()
+    line = error_line(proc.stderr)
     assert "File too large" in line and "model.safetensors" in line
     assert leftovers(out) == [] and not (out / JOURNAL_NAME).exists()
 
@@ -507,8 +507,7 @@ def test_signal_mid_write_removes_temp_files(single, tmp_path, sig, code):
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
-    assert "Traceback" not in err
-    (line,) = err.strip().splitlines()
+    line = error_line(err)
     assert signal.Signals(sig).name in line
     assert leftovers(out) == []
 

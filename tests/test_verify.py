@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+from output_lines import error_line
 from typer.testing import CliRunner
 
 from moeconv.cli import app
@@ -39,9 +40,7 @@ def out(converted, tmp_path):
 
 def one_line_error(result) -> str:
     assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    (line,) = result.stderr.strip().splitlines()
-    return line
+    return error_line(result.stderr)
 
 
 def flip_last_byte(path):
