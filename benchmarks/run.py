@@ -241,18 +241,20 @@ def table_compare(case: str, fig: dict) -> str:
     lines = [
         f"{case}: {fig['input_bytes'] / 1e9:.2f} GB in, {fig['output_bytes'] / 1e9:.2f} GB out, {fig['rounds']} round(s), medians",
         "",
-        "| contender | wall s (min-max) | x floor | x floor per round | CPU s | peak RSS GB | output size |",
-        "|---|---|---|---|---|---|---|",
+        "| contender | wall s (min-max) | x floor | x floor per round | CPU s | peak RSS GB | output size | load |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, s in m.items():
         wall = f"{s['wall']:.2f} ({s['wall_min']:.2f}-{s['wall_max']:.2f})"
+        load = f"{med(fig['runs'][name], 'load_before'):.1f}"
         if name == "floor":
-            lines.append(f"| floor | {wall} | 1 | 1 | {s['cpu']:.1f} | {s['rss_gb']:.2f} | {fig['output_bytes']} B |")
+            lines.append(f"| floor | {wall} | 1 | 1 | {s['cpu']:.1f} | {s['rss_gb']:.2f} | {fig['output_bytes']} B | {load} |")
         else:
             size = "= floor" if s["size_ok"] else "DIFFERS"
             lines.append(
-                f"| moeconv ({name}) | {wall} | {s['x_floor']:.2f} | {s['x_floor_per_round']:.2f} | {s['cpu']:.1f} | {s['rss_gb']:.2f} | {size} |"
+                f"| moeconv ({name}) | {wall} | {s['x_floor']:.2f} | {s['x_floor_per_round']:.2f} | {s['cpu']:.1f} | {s['rss_gb']:.2f} | {size} | {load} |"
             )
+    lines.append("load: the median 1-minute load average just before each run (this machine has 2 cores)")
     if case == "gpt-oss-8":
         for name, s in m.items():
             if name != "floor":
@@ -305,7 +307,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=HERE / "data", help="checkpoints and outputs (default benchmarks/data)")
     parser.add_argument("--keep-memory-data", action="store_true", help="keep the memory case's checkpoints")
     parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument("--show", type=Path, metavar="JSON", help="print the tables of figures saved with --json, run nothing")
     args = parser.parse_args(argv)
+    if args.show:
+        cases = json.loads(args.show.read_text())["cases"]
+        print("\n\n".join(table_memory(f) if c == "memory" else table_compare(c, f) for c, f in cases.items()))
+        return 0
     if args.rounds < 1 or args.memory_rounds < 1:
         parser.error("rounds must be at least 1")
     trees: dict[str, Path] = {}
