@@ -1,0 +1,301 @@
+"""MXFP4 quantization (the inverse of `mxfp4.dequantize`): [..., K] bf16/fp16/fp32 -> U8 blocks
+[..., K/32, 16] + U8 E8M0 scales [..., K/32], along the last axis, bit-exact, on a CPU.
+
+Layout (gpt-oss hub): a block is 32 consecutive elements of the last axis; byte j of its 16 holds
+element 2j in the low nibble and element 2j+1 in the high nibble, each an FP4 E2M1 code (bit 3 the
+sign, magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6); the block's scale byte s stands for 2**(s - 127).
+Rows are independent, so any row block of a tensor quantizes to the matching rows of the result
+(streaming).
+
+Scale choice, two modes:
+- "ceil" (default): triton_kernels' DequantScaleRoundingMode.ROUND_UP, what transformers'
+  `integrations.mxfp4.quantize_to_mxfp4` runs (it calls triton_kernels' `downcast_to_mxfp_torch`,
+  numerics_details/mxfp.py; the GPU kernel `_compute_quant_and_scale` in
+  mxfp_details/_downcast_to_mxfp.py computes the same scale). Verified there:
+  amax = max |x| over the block, in fp32 (the input is cast to fp32 first: exact for bf16/fp16);
+  d = amax / 6.0 ROUNDED TO FP32; the scale is 2**ceil(log2 d) taken on d's bits
+  ((bits + 0x7FFFFF) & 0x7F800000), its byte is that exponent field. Consequences:
+  * the smallest power of two with amax / scale <= 6 (never clips), EXCEPT that a subnormal d
+    (amax < 6 * 2**-126) gets 2**-126 (byte 1), never 2**-127 (byte 0);
+  * amax = 0, and fp32 amax <= 3 * 2**-149 whose d rounds to 0, give byte 0 and multiplier 0:
+    every element becomes a signed zero (code 0, or 8 for a negative input);
+  * finite inputs never give more than byte 253 (fp32 max / 6 < 2**126): no clamp is needed.
+  Elements: q = x * (1 / scale) in fp32 (exact: powers of two), then round to nearest, TIES TO
+  EVEN, onto E2M1, saturating at 6; the sign bit is kept even when the magnitude rounds to 0
+  (-0.0 and tiny negatives give code 8). Upstream history: ties-to-even arrived with triton PR
+  #8110 ("round-to-nearest-to-even mxfp4 quant to be consistent with mxfp8"); before it the torch
+  reference rounded ties away from zero ((e2m1 << 1 | guard) + 1 >> 1), and a later fix added the
+  bits lost by its subnormal shift to the sticky bit (only fp32 inputs can have such bits).
+  transformers takes triton_kernels from the hub (kernels-community/triton_kernels), whose pinned
+  revision could not be checked offline; this module follows the current upstream reference.
+  transformers casts the weight to bf16 before quantizing (`w.to(torch.bfloat16)`): for fp32 input
+  that is a second rounding. Here fp32 is quantized from its own value (one rounding); cast to bf16
+  first to reproduce transformers on fp32 weights.
+- "floor": OCP Microscaling Formats v1.0 (section 6.3), as in microsoft/microxcaling
+  `mx_ops._quantize_mx`: shared_exp = floor(log2 amax) - 2 (2 = emax of E2M1), clamped below at
+  -127 (amax = 0 -> byte 0); elements above 6 after scaling saturate to +-6 (at most 8 * (1 - eps)
+  can occur). Same element rounding (ties to even; microxcaling's "nearest" rounds ties away, the
+  spec does not fix the tie rule). triton's ROUND_DOWN differs from this only for amax < 2**-124:
+  its d = amax / 4 is subnormal, truncates to 0, and the whole block becomes zeros with byte 0.
+
+Other quantizers, NOT followed: ModelOpt's `MXFP4QTensor.quantize` counts `|x| - bound > 0` over the
+midpoints 0.25 .. 5 (every tie rounds DOWN, e.g. 0.75 -> 0.5, 1.75 -> 1.5; its ceil scale allows
+byte 0; `torch.sign(0) = 0` gives +0.0 code 8). Its NVFP4 `_cast_fp4` and compressed-tensors'
+`cast_to_fp4` (after a cast to bf16) do round ties to even (checked in NVIDIA/Model-Optimizer and
+vllm-project/compressed-tensors sources), so "ties down" is ModelOpt's MXFP4 path specifically.
+
+NaN and +-inf have no MXFP4 encoding: refused with OpError naming the element (index in the given
+tensor, flat row, block of 32 in the row and flat block number); the caller adds the key.
+
+How it is fast (one thread; figures in benchmarks/kernel_quantize.py), all in 16-bit integers:
+- Each element becomes a 16-bit bf16 pattern: bf16 as is; fp16 via fp32 (exact); fp32 ROUNDED TO
+  ODD to bf16 (truncate, OR the sticky bit into the last place). Round-to-odd at 8 significant bits
+  keeps enough to round once more, correctly, to E2M1's 2 bits (8 >= 2 + 2), and it never changes
+  the exponent, so block maxima give the same scales as exact fp32 maxima.
+- amax = max of (bits & 0x7FFF) per block (integer order = magnitude order; >= 0x7F80 is NaN/inf).
+- Dividing by 2**k is subtracting k << 7 from the bits. That is exact while the element is a normal
+  bf16 and the result stays normal; anything that falls below is < 0.25 * 2**-122 and rounds to
+  0 anyway (clamped to 0). It is wrong only for bf16 subnormal inputs in blocks whose scale byte
+  is <= 2 (2**-125): those blocks (tiny, rare) take a float path that multiplies in fp32 (exact
+  there), and their scale is recomputed from the exact fp32 amax.
+- One table maps the clamped pattern (0 .. bits(6.0)) plus the sign to the code: one gather.
+- Pairs of codes read as int16 pack into a byte with one shift and one OR.
+"""
+
+import torch
+
+from moeconv.errors import OpError
+
+SCALE_MODES = ("ceil", "floor")
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # code & 7 -> magnitude
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_LOW = 0x3E80  # bf16 bits of 0.25: every smaller magnitude rounds to 0, as 0.25 itself (a tie, to even)
+_TOP = 0x40C0  # bf16 bits of 6.0: every larger magnitude (only in "floor") saturates to code 7
+_SPAN = _TOP - _LOW  # table index of a magnitude: its bits - _LOW, clamped to [0, _SPAN]
+_SIGN_OFFSET = _SPAN + 1  # + this for a negative element
+_ZERO_SHIFT = 0x7F80  # the shift of an all-zero block (byte 0): sends every finite magnitude to index <= 0
+_SMALL_SCALE = 2  # blocks with scale byte <= this (and amax > 0) take the float path
+_CHUNK_BLOCKS = 8192  # blocks of 32 per chunk: 256K elements, scratch fits L2 (measured)
+
+_table: torch.Tensor | None = None
+
+
+def _code_table() -> torch.Tensor:
+    """U8 [2 * (_SPAN + 1)]: index = bf16 magnitude bits - bits(0.25) (0 .. bits(6.0) - bits(0.25)),
+    + _SIGN_OFFSET if negative -> E2M1 code. Round to nearest, ties to even, by the 7 midpoints."""
+    global _table
+    if _table is None:
+        magnitude = torch.arange(_LOW, _TOP + 1, dtype=torch.int16).view(torch.bfloat16).double()  # [_SPAN + 1]
+        code = torch.zeros(_SPAN + 1, dtype=torch.uint8)
+        # ties: 0.25 -> 0, 0.75 -> 1.0, 1.25 -> 1.0, 1.75 -> 2.0, 2.5 -> 2.0, 3.5 -> 4.0, 5 -> 4.0 (even codes)
+        for bound, tie_up in ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False)):
+            code += (magnitude >= bound) if tie_up else (magnitude > bound)
+        _table = torch.cat([code, code | 8])  # [2 * (_SPAN + 1)]
+    return _table
+
+
+def _check(x: torch.Tensor, scale: str) -> None:
+    if scale not in SCALE_MODES:
+        raise OpError(f"quantize-mxfp4: scale must be one of {', '.join(SCALE_MODES)}, not {scale!r}")
+    if x.dtype not in _DTYPES:
+        raise OpError(f"quantize-mxfp4: input must be bf16, fp16 or fp32, not {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] % 32:
+        raise OpError(f"quantize-mxfp4: the last dim must be a multiple of 32 (blocks of 32), got shape {list(x.shape)}")
+
+
+def _outputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    *lead, k = x.shape
+    blocks = torch.empty(*lead, k // 32, 16, dtype=torch.uint8, device=x.device)  # [..., K/32, 16]
+    scales = torch.empty(*lead, k // 32, dtype=torch.uint8, device=x.device)  # [..., K/32]
+    return blocks, scales
+
+
+def _raise_non_finite(x: torch.Tensor, flat: int) -> None:
+    """OpError naming element `flat` (row-major over x) of x, which is NaN or +-inf."""
+    *lead, k = x.shape
+    index, rest = [], flat
+    for size in reversed(x.shape):
+        index.append(rest % size)
+        rest //= size
+    index.reverse()
+    value = float(x.reshape(-1)[flat])
+    kind = "NaN" if value != value else ("+inf" if value > 0 else "-inf")
+    row, column = divmod(flat, k)
+    raise OpError(
+        f"quantize-mxfp4: {kind} at index {index} of shape {list(x.shape)} (row {row}, column {column}, "
+        f"block {column // 32} of the row, flat block {flat // 32}): MXFP4 has no NaN or inf"
+    )
+
+
+# ---- the fast kernel -------------------------------------------------------------------------------
+
+
+def _to_bits16(chunk: torch.Tensor, bits: torch.Tensor, wide: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """chunk [c, 32] (bf16/fp16/fp32) -> int16 bf16 patterns [c, 32]: bf16 viewed, others rounded to odd.
+    bits [>= c*32] int16 output; wide [>= c*32] int32 and scratch [>= c*32] fp32 are scratch."""
+    if chunk.dtype == torch.bfloat16:
+        return chunk.view(torch.int16)  # [c, 32]
+    n = chunk.numel()
+    if chunk.dtype == torch.float16:
+        source = scratch[:n].view(chunk.shape)  # [c, 32]
+        source.copy_(chunk)  # exact
+        source = source.view(torch.int32)
+    else:
+        source = chunk.view(torch.int32)  # [c, 32]
+    low = wide[:n].view(chunk.shape)  # [c, 32]
+    torch.bitwise_and(source, 0xFFFF, out=low)
+    low.add_(0xFFFF)  # bit 16 set iff the 16 dropped bits were not all 0 (the sticky bit)
+    low.bitwise_or_(source).bitwise_right_shift_(16)  # truncated to bf16, last bit ORed with sticky
+    out = bits[:n].view(chunk.shape)  # [c, 32]
+    out.copy_(low)  # int32 -> int16 keeps the low 16 bits (the sign comes along)
+    return out
+
+
+def _ceil_bytes(amax: torch.Tensor) -> torch.Tensor:
+    """fp32 amax [c] -> int32 scale bytes [c], triton's ROUND_UP on fp32 amax / 6."""
+    d = (amax / 6.0).view(torch.int32)  # [c] fp32 quotient, rounded as triton does
+    return ((d + 0x7FFFFF) & 0x7F800000) >> 23  # [c]
+
+
+def _floor_bytes(amax: torch.Tensor) -> torch.Tensor:
+    """fp32 amax [c] -> int32 scale bytes [c]: biased floor(log2 amax) - 2, at least 0."""
+    return ((amax.view(torch.int32) >> 23) - 2).clamp_(min=0)  # [c]; a subnormal amax has field 0
+
+
+def _codes_from_bits(bits: torch.Tensor, shift: torch.Tensor, mag: torch.Tensor, sign: torch.Tensor, index: torch.Tensor, codes: torch.Tensor) -> None:
+    """bits [c, 32] int16 bf16 patterns, mag [c, 32] int16 = bits & 0x7FFF (overwritten), shift [c, 1]
+    int16 = (k << 7) + bits(0.25) for scale 2**k -> codes [c*32] U8. sign [c, 32] int16 and index
+    [c*32] int32 are scratch."""
+    mag.sub_(shift).clamp_(0, _SPAN)  # [c, 32] bits of |x| / 2**k - bits(0.25) (exact while it matters)
+    torch.bitwise_right_shift(bits, 15, out=sign)  # [c, 32] -1 for negative, 0 otherwise
+    sign.bitwise_and_(_SIGN_OFFSET)
+    mag.add_(sign)
+    index.copy_(mag.view(-1))  # [c*32] int32
+    torch.index_select(_code_table(), 0, index, out=codes)  # [c*32]
+
+
+def _pack(codes: torch.Tensor, pair: torch.Tensor, out: torch.Tensor) -> None:
+    """codes [2m] U8 (element 2j, 2j+1) -> out [m] U8 bytes (low nibble = element 2j); pair [m] int16 scratch."""
+    both = codes.view(torch.int16)  # [m]: even code in the low byte, odd code in the high byte (little-endian)
+    torch.bitwise_right_shift(both, 4, out=pair)  # odd code << 4 in bits 4..7
+    pair.bitwise_or_(both)  # low byte = even | odd << 4
+    out.copy_(pair)  # int16 -> U8 keeps the low byte
+
+
+def _small_blocks(rows: torch.Tensor, scale: str, codes: torch.Tensor, scales: torch.Tensor) -> None:
+    """The float path for blocks whose scale byte is <= 2: rows [m, 32] (input dtype) -> codes [m*32]
+    U8 and scales [m] U8, with the scale taken from the exact fp32 amax."""
+    exact = rows.float()  # [m, 32]
+    amax = exact.abs().amax(1)  # [m]
+    byte = _ceil_bytes(amax) if scale == "ceil" else _floor_bytes(amax)  # [m]
+    # 1 / 2**(byte - 127) as fp32; ceil with a quotient that rounded to 0 multiplies by 0 (triton)
+    inverse = torch.where(byte == 0, 0, (254 - byte) << 23).view(torch.float32) if scale == "ceil" else ((254 - byte) << 23).view(torch.float32)
+    q = exact * inverse[:, None]  # [m, 32], exact: x is tiny and the factor a power of two <= 2**127
+    m = rows.shape[0]
+    bits = torch.empty(m * 32, dtype=torch.int16)
+    wide = torch.empty(m * 32, dtype=torch.int32)
+    q_bits = _to_bits16(q, bits, wide, q.new_empty(0))  # [m, 32] (fp32 path, odd rounding)
+    mag = q_bits & 0x7FFF  # [m, 32]
+    _codes_from_bits(q_bits, torch.full((m, 1), _LOW, dtype=torch.int16), mag, torch.empty_like(mag), torch.empty(m * 32, dtype=torch.int32), codes)
+    scales.copy_(byte)
+
+
+def quantize(x: torch.Tensor, *, scale: str = "ceil") -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., K] bf16/fp16/fp32 (K a multiple of 32) -> (blocks U8 [..., K/32, 16], scales U8 [..., K/32]).
+
+    `scale`: "ceil" (triton_kernels ROUND_UP, as transformers quantizes; the default) or "floor"
+    (OCP MX v1.0). Bit-exact with `quantize_reference`; NaN/inf raise OpError.
+    """
+    _check(x, scale)
+    blocks, scales = _outputs(x)
+    if x.is_meta or x.numel() == 0:
+        return blocks, scales
+    x = x.contiguous()
+    source = x.view(-1, 32)  # [N, 32]
+    total = source.shape[0]
+    out_bytes = blocks.view(-1)  # [N * 16]
+    out_scales = scales.view(-1)  # [N]
+    chunk = min(_CHUNK_BLOCKS, total)
+    bits = torch.empty(chunk * 32, dtype=torch.int16)  # fp16/fp32 patterns
+    wide = torch.empty(chunk * 32 if x.dtype != torch.bfloat16 else 0, dtype=torch.int32)
+    scratch = torch.empty(chunk * 32 if x.dtype == torch.float16 else 0, dtype=torch.float32)
+    mag = torch.empty(chunk, 32, dtype=torch.int16)
+    sign = torch.empty(chunk, 32, dtype=torch.int16)
+    index = torch.empty(chunk * 32, dtype=torch.int32)
+    codes = torch.empty(chunk * 32, dtype=torch.uint8)
+    pair = torch.empty(chunk * 16, dtype=torch.int16)
+    for g0 in range(0, total, chunk):
+        g1 = min(g0 + chunk, total)
+        c = g1 - g0
+        rows = source[g0:g1]  # [c, 32]
+        b16 = _to_bits16(rows, bits, wide, scratch)  # [c, 32]
+        m = mag[:c]
+        torch.bitwise_and(b16, 0x7FFF, out=m)  # [c, 32] magnitude bits
+        amax = m.amax(1)  # [c] int16; integer order is magnitude order
+        if int(amax.max()) >= 0x7F80:
+            bad = int((m.view(-1) >= 0x7F80).nonzero()[0, 0])
+            _raise_non_finite(x, g0 * 32 + bad)
+        amax_f = amax.view(torch.bfloat16).float()  # [c] exact (for fp32 input: its odd rounding)
+        byte = _ceil_bytes(amax_f) if scale == "ceil" else _floor_bytes(amax_f)  # [c] int32
+        out_scales[g0:g1].copy_(byte)
+        small = (byte <= _SMALL_SCALE) & (amax != 0)  # [c] blocks for the float path
+        shift = torch.where(byte == 0, _ZERO_SHIFT, ((byte - 127) << 7) + _LOW).to(torch.int16)  # [c]; byte 0 here: zeros
+        _codes_from_bits(b16, shift[:, None], m, sign[:c], index[: c * 32], codes[: c * 32])
+        if bool(small.any()):
+            which = small.nonzero()[:, 0]  # [m]
+            fixed = torch.empty(which.numel() * 32, dtype=torch.uint8)
+            fixed_scales = torch.empty(which.numel(), dtype=torch.uint8)
+            _small_blocks(rows[which], scale, fixed, fixed_scales)
+            codes[: c * 32].view(c, 32)[which] = fixed.view(-1, 32)
+            out_scales[g0:g1][which] = fixed_scales
+        _pack(codes[: c * 32], pair[: c * 16], out_bytes[g0 * 16 : g1 * 16])
+    return blocks, scales
+
+
+# ---- the reference -----------------------------------------------------------------------------------
+
+
+def _reference_rows(rows: torch.Tensor, scale: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows [n, 32] -> (codes [n, 32] int64, scale bytes [n] int64), in fp64 from the definitions."""
+    exact = rows.double()  # [n, 32], exact
+    amax = exact.abs().amax(1)  # [n]
+    if scale == "ceil":
+        d = (amax.float() / 6.0).double()  # [n] the fp32 quotient (triton divides in fp32)
+        mantissa, exponent = torch.frexp(d)  # d = mantissa * 2**exponent, mantissa in [0.5, 1)
+        e = torch.where(mantissa == 0.5, exponent - 1, exponent)  # ceil(log2 d)
+        e = e.clamp(min=-126)  # a subnormal fp32 quotient rounds up to 2**-126
+        zero = d == 0  # byte 0, multiplier 0
+        e = torch.where(zero, -127, e)
+    else:
+        mantissa, exponent = torch.frexp(amax)  # floor(log2 amax) = exponent - 1
+        e = torch.where(amax == 0, -127, (exponent - 1 - 2).clamp(min=-127))
+        zero = torch.zeros_like(amax, dtype=torch.bool)
+    q = torch.where(zero[:, None], 0.0, torch.ldexp(exact, -e[:, None]))  # [n, 32] x / 2**e, exact in fp64
+    grid = torch.tensor(FP4_VALUES, dtype=torch.float64)  # [8]
+    distance = (q.abs()[..., None] - grid).abs()  # [n, 32, 8] exact
+    nearest = distance == distance.amin(-1, keepdim=True)  # [n, 32, 8] one or two (a tie) codes
+    even = nearest & (torch.arange(8) % 2 == 0)
+    pick = torch.where(even.any(-1), even.int().argmax(-1), nearest.int().argmax(-1))  # [n, 32] ties to the even code
+    codes = pick | (torch.signbit(exact).long() << 3)  # the sign bit of x, also for -0.0 and values rounding to 0
+    return codes, (e + 127).long()
+
+
+def quantize_reference(x: torch.Tensor, *, scale: str = "ceil") -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `quantize`, from the definitions, slowly: exact fp64 values, the scale from
+    frexp of amax (ceil: of the fp32 quotient amax / 6, as triton), every element to the nearest of
+    the 8 magnitudes by distance, a tie to the even code."""
+    _check(x, scale)
+    blocks, scales = _outputs(x)
+    if x.numel() == 0:
+        return blocks, scales
+    rows = x.contiguous().view(-1, 32)  # [N, 32]
+    bad = ~torch.isfinite(rows.reshape(-1))
+    if bool(bad.any()):
+        _raise_non_finite(x, int(bad.nonzero()[0, 0]))
+    out_blocks, out_scales = blocks.view(-1, 16), scales.view(-1)  # [N, 16], [N]
+    for g0 in range(0, rows.shape[0], 4096):
+        codes, byte = _reference_rows(rows[g0 : g0 + 4096], scale)  # [n, 32], [n]
+        out_blocks[g0 : g0 + 4096] = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
+        out_scales[g0 : g0 + 4096] = byte.to(torch.uint8)
+    return blocks, scales
