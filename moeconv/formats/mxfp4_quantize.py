@@ -79,6 +79,7 @@ _SMALL_SCALE = 2  # blocks with scale byte <= this (and amax > 0) take the float
 _CHUNK_BLOCKS = 8192  # blocks of 32 per chunk: 256K elements, scratch fits L2 (measured)
 
 _table: torch.Tensor | None = None
+_pairs: torch.Tensor | None = None
 
 
 def _code_table() -> torch.Tensor:
@@ -163,42 +164,45 @@ def _floor_bytes(amax: torch.Tensor) -> torch.Tensor:
     return ((amax.view(torch.int32) >> 23) - 2).clamp_(min=0)  # [c]; a subnormal amax has field 0
 
 
-def _codes_from_bits(bits: torch.Tensor, shift: torch.Tensor, mag: torch.Tensor, sign: torch.Tensor, index: torch.Tensor, codes: torch.Tensor) -> None:
+def _pair_table() -> torch.Tensor:
+    """U8 [S * S], S = 2 * (_SPAN + 1): index odd * S + even (two indices of `_code_table`) -> the
+    packed byte, even element's code in the low nibble (1.3 MB, built once)."""
+    global _pairs
+    if _pairs is None:
+        code = _code_table()  # [S]
+        _pairs = (code[None, :] | (code[:, None] << 4)).reshape(-1).contiguous()  # [odd, even] -> byte
+    return _pairs
+
+
+def _encode(bits: torch.Tensor, mag: torch.Tensor, shift: torch.Tensor, sign: torch.Tensor, pair: torch.Tensor, out: torch.Tensor) -> None:
     """bits [c, 32] int16 bf16 patterns, mag [c, 32] int16 = bits & 0x7FFF (overwritten), shift [c, 1]
-    int16 = (k << 7) + bits(0.25) for scale 2**k -> codes [c*32] U8. sign [c, 32] int16 and index
-    [c*32] int32 are scratch."""
+    int16 = (k << 7) + bits(0.25) for the scale 2**k -> out [c*16] U8 packed codes.
+    sign [c, 32] int16 and pair [c*16] int32 are scratch."""
     mag.sub_(shift).clamp_(0, _SPAN)  # [c, 32] bits of |x| / 2**k - bits(0.25) (exact while it matters)
-    torch.bitwise_right_shift(bits, 15, out=sign)  # [c, 32] -1 for negative, 0 otherwise
-    sign.bitwise_and_(_SIGN_OFFSET)
-    mag.add_(sign)
-    index.copy_(mag.view(-1))  # [c*32] int32
-    torch.index_select(_code_table(), 0, index, out=codes)  # [c*32]
+    torch.bitwise_right_shift(bits, 15, out=sign)  # [c, 32] -1 for a negative element, else 0
+    mag.add_(sign, alpha=-_SIGN_OFFSET)  # [c, 32] index into _code_table
+    both = mag.view(torch.int32).view(-1)  # [c*16] odd << 16 | even (little-endian), both < 2**15
+    torch.bitwise_right_shift(both, 16, out=pair)  # [c*16] odd
+    torch.add(both, pair, alpha=len(_code_table()) - 65536, out=pair)  # [c*16] odd * S + even
+    torch.index_select(_pair_table(), 0, pair, out=out)  # [c*16] bytes
 
 
-def _pack(codes: torch.Tensor, pair: torch.Tensor, out: torch.Tensor) -> None:
-    """codes [2m] U8 (element 2j, 2j+1) -> out [m] U8 bytes (low nibble = element 2j); pair [m] int16 scratch."""
-    both = codes.view(torch.int16)  # [m]: even code in the low byte, odd code in the high byte (little-endian)
-    torch.bitwise_right_shift(both, 4, out=pair)  # odd code << 4 in bits 4..7
-    pair.bitwise_or_(both)  # low byte = even | odd << 4
-    out.copy_(pair)  # int16 -> U8 keeps the low byte
-
-
-def _small_blocks(rows: torch.Tensor, scale: str, codes: torch.Tensor, scales: torch.Tensor) -> None:
-    """The float path for blocks whose scale byte is <= 2: rows [m, 32] (input dtype) -> codes [m*32]
-    U8 and scales [m] U8, with the scale taken from the exact fp32 amax."""
+def _small_blocks(rows: torch.Tensor, scale: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float path for blocks whose scale byte is <= 2: rows [m, 32] (input dtype) -> (bytes
+    [m, 16] U8, scales [m] int32), the scale taken from the exact fp32 amax."""
     exact = rows.float()  # [m, 32]
     amax = exact.abs().amax(1)  # [m]
     byte = _ceil_bytes(amax) if scale == "ceil" else _floor_bytes(amax)  # [m]
-    # 1 / 2**(byte - 127) as fp32; ceil with a quotient that rounded to 0 multiplies by 0 (triton)
-    inverse = torch.where(byte == 0, 0, (254 - byte) << 23).view(torch.float32) if scale == "ceil" else ((254 - byte) << 23).view(torch.float32)
-    q = exact * inverse[:, None]  # [m, 32], exact: x is tiny and the factor a power of two <= 2**127
+    inverse = ((254 - byte) << 23).view(torch.float32)  # [m] 1 / 2**(byte - 127), a power of two <= 2**127
+    if scale == "ceil":
+        inverse[byte == 0] = 0  # a quotient amax / 6 that rounded to 0: triton multiplies by 0
+    q = exact * inverse[:, None]  # [m, 32], exact: x is tiny (no overflow) and is scaled up
     m = rows.shape[0]
-    bits = torch.empty(m * 32, dtype=torch.int16)
-    wide = torch.empty(m * 32, dtype=torch.int32)
-    q_bits = _to_bits16(q, bits, wide, q.new_empty(0))  # [m, 32] (fp32 path, odd rounding)
-    mag = q_bits & 0x7FFF  # [m, 32]
-    _codes_from_bits(q_bits, torch.full((m, 1), _LOW, dtype=torch.int16), mag, torch.empty_like(mag), torch.empty(m * 32, dtype=torch.int32), codes)
-    scales.copy_(byte)
+    q_bits = _to_bits16(q, torch.empty(m * 32, dtype=torch.int16), torch.empty(m * 32, dtype=torch.int32), q)
+    out = torch.empty(m * 16, dtype=torch.uint8)
+    shift = torch.full((m, 1), _LOW, dtype=torch.int16)  # q is already scaled: k = 0
+    _encode(q_bits, q_bits & 0x7FFF, shift, torch.empty_like(q_bits), torch.empty(m * 16, dtype=torch.int32), out)
+    return out.view(m, 16), byte
 
 
 def quantize(x: torch.Tensor, *, scale: str = "ceil") -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,42 +218,39 @@ def quantize(x: torch.Tensor, *, scale: str = "ceil") -> tuple[torch.Tensor, tor
     x = x.contiguous()
     source = x.view(-1, 32)  # [N, 32]
     total = source.shape[0]
-    out_bytes = blocks.view(-1)  # [N * 16]
+    out_blocks = blocks.view(-1, 16)  # [N, 16]
     out_scales = scales.view(-1)  # [N]
     chunk = min(_CHUNK_BLOCKS, total)
-    bits = torch.empty(chunk * 32, dtype=torch.int16)  # fp16/fp32 patterns
+    bits = torch.empty(chunk * 32, dtype=torch.int16)  # fp16/fp32: the rounded-to-odd patterns
     wide = torch.empty(chunk * 32 if x.dtype != torch.bfloat16 else 0, dtype=torch.int32)
-    scratch = torch.empty(chunk * 32 if x.dtype == torch.float16 else 0, dtype=torch.float32)
+    widef = torch.empty(chunk * 32, dtype=torch.float32)  # magnitudes for amax; fp16 -> fp32
     mag = torch.empty(chunk, 32, dtype=torch.int16)
     sign = torch.empty(chunk, 32, dtype=torch.int16)
-    index = torch.empty(chunk * 32, dtype=torch.int32)
-    codes = torch.empty(chunk * 32, dtype=torch.uint8)
-    pair = torch.empty(chunk * 16, dtype=torch.int16)
+    pair = torch.empty(chunk * 16, dtype=torch.int32)
     for g0 in range(0, total, chunk):
         g1 = min(g0 + chunk, total)
         c = g1 - g0
         rows = source[g0:g1]  # [c, 32]
-        b16 = _to_bits16(rows, bits, wide, scratch)  # [c, 32]
+        b16 = _to_bits16(rows, bits, wide, widef)  # [c, 32]
         m = mag[:c]
-        torch.bitwise_and(b16, 0x7FFF, out=m)  # [c, 32] magnitude bits
-        amax = m.amax(1)  # [c] int16; integer order is magnitude order
+        torch.bitwise_and(b16, 0x7FFF, out=m)  # [c, 32] magnitude bits: integer order = magnitude order
+        magnitude = widef[: c * 32].view(c, 32)
+        magnitude.copy_(m)  # [c, 32] exact; torch reduces fp32 rows much faster than int16 rows
+        amax = magnitude.amax(1).to(torch.int32)  # [c] bits of the block's largest magnitude
         if int(amax.max()) >= 0x7F80:
             bad = int((m.view(-1) >= 0x7F80).nonzero()[0, 0])
             _raise_non_finite(x, g0 * 32 + bad)
-        amax_f = amax.view(torch.bfloat16).float()  # [c] exact (for fp32 input: its odd rounding)
+        amax_f = amax.to(torch.int16).view(torch.bfloat16).float()  # [c] exact (fp32 input: rounded to odd)
         byte = _ceil_bytes(amax_f) if scale == "ceil" else _floor_bytes(amax_f)  # [c] int32
         out_scales[g0:g1].copy_(byte)
-        small = (byte <= _SMALL_SCALE) & (amax != 0)  # [c] blocks for the float path
         shift = torch.where(byte == 0, _ZERO_SHIFT, ((byte - 127) << 7) + _LOW).to(torch.int16)  # [c]; byte 0 here: zeros
-        _codes_from_bits(b16, shift[:, None], m, sign[:c], index[: c * 32], codes[: c * 32])
+        _encode(b16, m, shift[:, None], sign[:c], pair[: c * 16], out_blocks[g0:g1].view(-1))
+        small = (byte <= _SMALL_SCALE) & (amax != 0)  # [c] blocks for the float path
         if bool(small.any()):
             which = small.nonzero()[:, 0]  # [m]
-            fixed = torch.empty(which.numel() * 32, dtype=torch.uint8)
-            fixed_scales = torch.empty(which.numel(), dtype=torch.uint8)
-            _small_blocks(rows[which], scale, fixed, fixed_scales)
-            codes[: c * 32].view(c, 32)[which] = fixed.view(-1, 32)
-            out_scales[g0:g1][which] = fixed_scales
-        _pack(codes[: c * 32], pair[: c * 16], out_bytes[g0 * 16 : g1 * 16])
+            fixed, fixed_scales = _small_blocks(rows[which], scale)
+            out_blocks[g0 + which] = fixed
+            out_scales[g0 + which] = fixed_scales.to(torch.uint8)
     return blocks, scales
 
 
