@@ -76,10 +76,13 @@ _SPAN = _TOP - _LOW  # table index of a magnitude: its bits - _LOW, clamped to [
 _SIGN_OFFSET = _SPAN + 1  # + this for a negative element
 _ZERO_SHIFT = 0x7F80  # the shift of an all-zero block (byte 0): sends every finite magnitude to index <= 0
 _SMALL_SCALE = 2  # blocks with scale byte <= this (and amax > 0) take the float path
+_FLAG_SMALL = 0x7FFE  # shift-table marks, larger than every real shift (<= (126 << 7) + _LOW)
+_FLAG_NON_FINITE = 0x7FFF
 _CHUNK_BLOCKS = 8192  # blocks of 32 per chunk: 256K elements, scratch fits L2 (measured)
 
 _table: torch.Tensor | None = None
 _pairs: torch.Tensor | None = None
+_tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _code_table() -> torch.Tensor:
@@ -94,6 +97,24 @@ def _code_table() -> torch.Tensor:
             code += (magnitude >= bound) if tie_up else (magnitude > bound)
         _table = torch.cat([code, code | 8])  # [2 * (_SPAN + 1)]
     return _table
+
+
+def _block_tables(scale: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block, from the bits of its amax (a bf16 magnitude pattern, 0 .. 0x7FFF): (scale byte U8
+    [32768], shift int16 [32768]) where shift = ((byte - 127) << 7) + bits(0.25) for `_encode`,
+    _ZERO_SHIFT for an all-zero block, _FLAG_SMALL where the block needs the float path (amax > 0,
+    byte <= 2) and _FLAG_NON_FINITE for NaN/inf (>= 0x7F80). Both flags exceed every real shift."""
+    if scale not in _tables:
+        amax = torch.arange(0x8000, dtype=torch.int32)  # [32768] every magnitude pattern
+        value = amax.to(torch.int16).view(torch.bfloat16).float()  # exact
+        byte = _ceil_bytes(value) if scale == "ceil" else _floor_bytes(value)  # [32768] int32
+        shift = ((byte - 127) << 7) + _LOW
+        shift[amax == 0] = _ZERO_SHIFT
+        shift[(amax > 0) & (byte <= _SMALL_SCALE)] = _FLAG_SMALL
+        shift[amax >= 0x7F80] = _FLAG_NON_FINITE
+        byte[amax >= 0x7F80] = 0
+        _tables[scale] = (byte.to(torch.uint8), shift.to(torch.int16))
+    return _tables[scale]
 
 
 def _check(x: torch.Tensor, scale: str) -> None:
@@ -223,10 +244,12 @@ def quantize(x: torch.Tensor, *, scale: str = "ceil") -> tuple[torch.Tensor, tor
     chunk = min(_CHUNK_BLOCKS, total)
     bits = torch.empty(chunk * 32, dtype=torch.int16)  # fp16/fp32: the rounded-to-odd patterns
     wide = torch.empty(chunk * 32 if x.dtype != torch.bfloat16 else 0, dtype=torch.int32)
-    widef = torch.empty(chunk * 32, dtype=torch.float32)  # magnitudes for amax; fp16 -> fp32
+    widef = torch.empty(chunk * 32 if x.dtype == torch.float16 else 0, dtype=torch.float32)
     mag = torch.empty(chunk, 32, dtype=torch.int16)
     sign = torch.empty(chunk, 32, dtype=torch.int16)
+    mag32 = torch.empty(chunk, 32, dtype=torch.int32)
     pair = torch.empty(chunk * 16, dtype=torch.int32)
+    byte_of, shift_of = _block_tables(scale)
     for g0 in range(0, total, chunk):
         g1 = min(g0 + chunk, total)
         c = g1 - g0
@@ -234,20 +257,18 @@ def quantize(x: torch.Tensor, *, scale: str = "ceil") -> tuple[torch.Tensor, tor
         b16 = _to_bits16(rows, bits, wide, widef)  # [c, 32]
         m = mag[:c]
         torch.bitwise_and(b16, 0x7FFF, out=m)  # [c, 32] magnitude bits: integer order = magnitude order
-        magnitude = widef[: c * 32].view(c, 32)
-        magnitude.copy_(m)  # [c, 32] exact; torch reduces fp32 rows much faster than int16 rows
-        amax = magnitude.amax(1).to(torch.int32)  # [c] bits of the block's largest magnitude
-        if int(amax.max()) >= 0x7F80:
+        m32 = mag32[:c]
+        m32.copy_(m)  # torch reduces int32 rows several times faster than int16 rows
+        amax = m32.amax(1)  # [c] bits of each block's largest magnitude; >= 0x7F80: NaN or inf
+        shift = torch.index_select(shift_of, 0, amax)  # [c] int16, or a flag (see _block_tables)
+        top = int(shift.max())
+        if top == _FLAG_NON_FINITE:
             bad = int((m.view(-1) >= 0x7F80).nonzero()[0, 0])
             _raise_non_finite(x, g0 * 32 + bad)
-        amax_f = amax.to(torch.int16).view(torch.bfloat16).float()  # [c] exact (fp32 input: rounded to odd)
-        byte = _ceil_bytes(amax_f) if scale == "ceil" else _floor_bytes(amax_f)  # [c] int32
-        out_scales[g0:g1].copy_(byte)
-        shift = torch.where(byte == 0, _ZERO_SHIFT, ((byte - 127) << 7) + _LOW).to(torch.int16)  # [c]; byte 0 here: zeros
+        torch.index_select(byte_of, 0, amax, out=out_scales[g0:g1])
         _encode(b16, m, shift[:, None], sign[:c], pair[: c * 16], out_blocks[g0:g1].view(-1))
-        small = (byte <= _SMALL_SCALE) & (amax != 0)  # [c] blocks for the float path
-        if bool(small.any()):
-            which = small.nonzero()[:, 0]  # [m]
+        if top == _FLAG_SMALL:  # blocks of tiny values (scale byte <= 2): the float path
+            which = (shift == _FLAG_SMALL).nonzero()[:, 0]  # [s]
             fixed, fixed_scales = _small_blocks(rows[which], scale)
             out_blocks[g0 + which] = fixed
             out_scales[g0 + which] = fixed_scales.to(torch.uint8)
