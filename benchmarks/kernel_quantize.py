@@ -76,7 +76,9 @@ def main() -> None:
     print(f"input {list(shape)} {args.dtype}, scale={args.scale}, {n / 1e6:.1f} M elements, 1 thread, {args.rounds} rounds")
     for name, values in times.items():
         best, median = min(values), statistics.median(values)
-        print(f"  {name:22s} best {n / best / 1e6:7.1f} M elem/s   median {n / median / 1e6:7.1f} M elem/s   ({median * 1e3:.0f} ms)")
+        print(
+            f"  {name:22s} best {n / best / 1e6:7.1f} M elem/s   median {n / median / 1e6:7.1f} M elem/s   ({median * 1e3:.0f} ms)"
+        )
     ratio = statistics.median(times["straightforward torch"]) / statistics.median(times["moeconv quantize"])
     print(f"  moeconv / straightforward: {ratio:.1f}x (medians)")
 

@@ -47,19 +47,23 @@ vllm-project/compressed-tensors sources), so "ties down" is ModelOpt's MXFP4 pat
 NaN and +-inf have no MXFP4 encoding: refused with OpError naming the element (index in the given
 tensor, flat row, block of 32 in the row and flat block number); the caller adds the key.
 
-How it is fast (one thread; figures in benchmarks/kernel_quantize.py), all in 16-bit integers:
+How it is fast (one thread; benchmarks/kernel_quantize.py), in 16-bit integers, by chunks of 16K blocks:
 - Each element becomes a 16-bit bf16 pattern: bf16 as is; fp16 via fp32 (exact); fp32 ROUNDED TO
   ODD to bf16 (truncate, OR the sticky bit into the last place). Round-to-odd at 8 significant bits
   keeps enough to round once more, correctly, to E2M1's 2 bits (8 >= 2 + 2), and it never changes
   the exponent, so block maxima give the same scales as exact fp32 maxima.
-- amax = max of (bits & 0x7FFF) per block (integer order = magnitude order; >= 0x7F80 is NaN/inf).
-- Dividing by 2**k is subtracting k << 7 from the bits. That is exact while the element is a normal
-  bf16 and the result stays normal; anything that falls below is < 0.25 * 2**-122 and rounds to
-  0 anyway (clamped to 0). It is wrong only for bf16 subnormal inputs in blocks whose scale byte
-  is <= 2 (2**-125): those blocks (tiny, rare) take a float path that multiplies in fp32 (exact
-  there), and their scale is recomputed from the exact fp32 amax.
-- One table maps the clamped pattern (0 .. bits(6.0)) plus the sign to the code: one gather.
-- Pairs of codes read as int16 pack into a byte with one shift and one OR.
+- amax = max of (bits & 0x7FFF) per block (integer order is magnitude order; >= 0x7F80 is NaN or
+  inf), reduced in int32 (torch reduces rows of 32 int16 several times slower).
+- The block's scale byte and shift come from two 32K-entry tables indexed by those amax bits (per
+  block torch ops cost more than the gather); the shift table also flags NaN/inf and tiny blocks.
+- Dividing by 2**k is subtracting k << 7 from the bits: exact while the element is a normal bf16
+  and the result stays normal; anything that falls below is < 2**-126, rounds to 0, and is clamped
+  there (the sign bit is kept apart). It is wrong only for bf16 subnormal inputs in blocks whose
+  scale byte is <= 2 (2**-125): those blocks (amax < 2**-122, rare) take a float path that
+  multiplies in fp32 (exact there) and takes the scale from the exact fp32 amax.
+- The clamped magnitude (0.25 .. 6, as bits - bits(0.25): 0 .. 576) plus the sign is an index into
+  a 1154-entry code table; two neighbours' indices read as one int32 make an index into a 1.3 MB
+  table of packed bytes: one gather writes the output bytes.
 """
 
 import torch
@@ -78,7 +82,7 @@ _ZERO_SHIFT = 0x7F80  # the shift of an all-zero block (byte 0): sends every fin
 _SMALL_SCALE = 2  # blocks with scale byte <= this (and amax > 0) take the float path
 _FLAG_SMALL = 0x7FFE  # shift-table marks, larger than every real shift (<= (126 << 7) + _LOW)
 _FLAG_NON_FINITE = 0x7FFF
-_CHUNK_BLOCKS = 8192  # blocks of 32 per chunk: 256K elements, scratch fits L2 (measured)
+_CHUNK_BLOCKS = 16384  # blocks of 32 per chunk: 512K elements, ~5 MiB of scratch (measured best of 2K..32K)
 
 _table: torch.Tensor | None = None
 _pairs: torch.Tensor | None = None
@@ -135,7 +139,7 @@ def _outputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _raise_non_finite(x: torch.Tensor, flat: int) -> None:
     """OpError naming element `flat` (row-major over x) of x, which is NaN or +-inf."""
-    *lead, k = x.shape
+    k = x.shape[-1]
     index, rest = [], flat
     for size in reversed(x.shape):
         index.append(rest % size)
@@ -190,12 +194,16 @@ def _pair_table() -> torch.Tensor:
     packed byte, even element's code in the low nibble (1.3 MB, built once)."""
     global _pairs
     if _pairs is None:
+        if torch.tensor([1], dtype=torch.int16).view(torch.uint8)[0] != 1:
+            raise OpError("quantize-mxfp4: the kernel reads int16 pairs as int32 and needs a little-endian CPU")
         code = _code_table()  # [S]
         _pairs = (code[None, :] | (code[:, None] << 4)).reshape(-1).contiguous()  # [odd, even] -> byte
     return _pairs
 
 
-def _encode(bits: torch.Tensor, mag: torch.Tensor, shift: torch.Tensor, sign: torch.Tensor, pair: torch.Tensor, out: torch.Tensor) -> None:
+def _encode(
+    bits: torch.Tensor, mag: torch.Tensor, shift: torch.Tensor, sign: torch.Tensor, pair: torch.Tensor, out: torch.Tensor
+) -> None:
     """bits [c, 32] int16 bf16 patterns, mag [c, 32] int16 = bits & 0x7FFF (overwritten), shift [c, 1]
     int16 = (k << 7) + bits(0.25) for the scale 2**k -> out [c*16] U8 packed codes.
     sign [c, 32] int16 and pair [c*16] int32 are scratch."""
@@ -214,9 +222,9 @@ def _small_blocks(rows: torch.Tensor, scale: str) -> tuple[torch.Tensor, torch.T
     exact = rows.float()  # [m, 32]
     amax = exact.abs().amax(1)  # [m]
     byte = _ceil_bytes(amax) if scale == "ceil" else _floor_bytes(amax)  # [m]
-    inverse = ((254 - byte) << 23).view(torch.float32)  # [m] 1 / 2**(byte - 127), a power of two <= 2**127
-    if scale == "ceil":
-        inverse[byte == 0] = 0  # a quotient amax / 6 that rounded to 0: triton multiplies by 0
+    # 1 / 2**(byte - 127), a power of two <= 2**127. Where ceil's quotient amax / 6 rounded to 0
+    # (byte 0), triton multiplies by 0: 2**127 gives the same codes (|x| <= 3 * 2**-149, signs kept).
+    inverse = ((254 - byte) << 23).view(torch.float32)  # [m]
     q = exact * inverse[:, None]  # [m, 32], exact: x is tiny (no overflow) and is scaled up
     m = rows.shape[0]
     q_bits = _to_bits16(q, torch.empty(m * 32, dtype=torch.int16), torch.empty(m * 32, dtype=torch.int32), q)
@@ -236,6 +244,8 @@ def quantize(x: torch.Tensor, *, scale: str = "ceil") -> tuple[torch.Tensor, tor
     blocks, scales = _outputs(x)
     if x.is_meta or x.numel() == 0:
         return blocks, scales
+    if x.device.type != "cpu":
+        raise OpError(f"quantize-mxfp4: runs on the CPU; got a tensor on {x.device}")
     x = x.contiguous()
     source = x.view(-1, 32)  # [N, 32]
     total = source.shape[0]
