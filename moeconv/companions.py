@@ -48,6 +48,8 @@ def output_config(config: dict | None, tensors: Iterable, dtype: str | None) -> 
     dequantized = quantization is None and "quantization_config" in out
     if dequantized:
         del out["quantization_config"]
+    elif quantization is not None:
+        out["quantization_config"] = quantization
     if dtype is not None or dequantized:
         written = dtypes.CONFIG_NAMES[dtype or "BF16"]
         out["dtype"] = written

@@ -80,6 +80,7 @@ class Op:
     inverse: str | None  # name of the inverse op, None when there is none (lossy)
     doc: str  # one line, shown by `moeconv ops` and in recipe errors
     reorders: bool = False  # changes what rows or columns mean with names and sizes kept (see plan._layout)
+    fanout: str | None = None  # several outputs: the template variable naming each (recipes may rename it with `as`)
 
     def params(self) -> dict[str, inspect.Parameter]:
         """The keyword-only parameters of fn: the op's recipe schema."""
@@ -101,13 +102,14 @@ def register(
     inverse: str | None = None,
     n_inputs: int | None = 1,
     reorders: bool = False,
+    fanout: str | None = None,
 ):
     """Decorator: register fn as op `name` with its shape rule and row map (see the module doc);
     `reorders`: the op changes what rows or columns mean (a transpose, a gate/up reordering)."""
 
     def decorate(fn: Callable) -> Callable:
         doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        OPS[name] = Op(name, fn, shape, rows, n_inputs, inverse, doc, reorders)
+        OPS[name] = Op(name, fn, shape, rows, n_inputs, inverse, doc, reorders, fanout)
         return fn
 
     return decorate
@@ -338,7 +340,7 @@ def _split_rows(params: dict, specs: list[Spec], index: int) -> RowMap:
     return MovesRows(pieces, within_ok=True, passes_within=True)
 
 
-@register("split", shape=_split_shape, rows=_split_rows, inverse="concat", reorders=True)
+@register("split", shape=_split_shape, rows=_split_rows, inverse="concat", reorders=True, fanout="part")
 def split(x: torch.Tensor, *, dim: int = 0, parts: int = 2, sizes: list[int] = []) -> tuple[torch.Tensor, ...]:
     """Cut a tensor along dim into `parts` equal pieces ([2I, H] -> gate [I, H], up [I, H]) or pieces of `sizes` (q/k/v)."""
     lengths = _split_sizes(tuple(x.shape), dim % x.dim(), parts, sizes)
@@ -397,7 +399,7 @@ def _unstack_rows(params: dict, specs: list[Spec], index: int) -> RowMap:
     return MovesRows(pieces, asks_within=True)
 
 
-@register("unstack", shape=_unstack_shape, rows=_unstack_rows, inverse="stack")
+@register("unstack", shape=_unstack_shape, rows=_unstack_rows, inverse="stack", fanout="index")
 def unstack(x: torch.Tensor, *, dim: int = 0) -> tuple[torch.Tensor, ...]:
     """Split a tensor into its slices along dim, removing it ([E, 2I, H] -> E x [2I, H])."""
     return tuple(piece.contiguous() for piece in x.unbind(dim))

@@ -328,6 +328,10 @@ class _Planner:
     def _unary(self, rule: Rule, step: OpStep, value: Value, where: str) -> list[Value]:
         params = self._params(step, rule)
         outputs = self._infer(rule, step, params, [value.node], where)
+        if step.names and len(step.names) != len(outputs):
+            raise PlanError(
+                f"{rule.where}: {step.op} makes {len(outputs)} tensors at '{where}', but {len(step.names)} names are given"
+            )
         results = []
         for index, (dtype, shape) in enumerate(outputs):
             node = OpNode(step.op, params, [value.node], index, dtype, shape)

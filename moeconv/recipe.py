@@ -33,7 +33,6 @@ from moeconv.errors import RecipeError
 
 # Keys an op entry may carry besides the op's own parameters: they steer the planner.
 OP_META_KEYS = {"op", "as", "names"}
-FANOUT_OPS = {"split", "unstack"}
 RULE_KEYS = {
     "name",
     "description",
@@ -150,8 +149,10 @@ def _parse_step(where: str, index: int, entry: object) -> OpStep:
     params = {k: v for k, v in entry.items() if k not in OP_META_KEYS}
     names = entry.get("names")
     fanout_var = entry.get("as")
-    if (names is not None or fanout_var is not None) and name not in FANOUT_OPS:
-        raise _fail(at, f"'as' and 'names' only go with {sorted(FANOUT_OPS)}, not '{name}'")
+    fanout = ops.get_op(name).fanout
+    if (names is not None or fanout_var is not None) and fanout is None:
+        several = sorted(n for n, op in ops.OPS.items() if op.fanout)
+        raise _fail(at, f"'as' and 'names' only go with ops that make several tensors ({', '.join(several)}), not '{name}'")
     if names is not None:
         if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
             raise _fail(at, '\'names\' must be a list of strings, e.g. ["gate", "up"]')
@@ -167,8 +168,8 @@ def _parse_step(where: str, index: int, entry: object) -> OpStep:
                 params["parts"] = len(names)
     if fanout_var is not None and not (isinstance(fanout_var, str) and fanout_var.isidentifier()):
         raise _fail(at, "'as' must name a template variable, e.g. as = \"part\"")
-    if name in FANOUT_OPS and fanout_var is None:
-        fanout_var = "part" if name == "split" else "index"
+    if fanout is not None and fanout_var is None:
+        fanout_var = fanout
     dtype_param = {k for k, v in params.items() if v == "$dtype"}
     from_config = frozenset(k for k, v in params.items() if isinstance(v, str) and v.startswith(CONFIG_PREFIX))
     probe = {k: ("bf16" if k in dtype_param else v) for k, v in params.items()}

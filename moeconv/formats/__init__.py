@@ -22,6 +22,8 @@ class Format:
     # Puts transformers' quantized modules on a model built on the meta device (the load report);
     # None: the load report does not check checkpoints that stay in this format.
     consumer_layout: Callable[[Any, dict], None] | None = None
+    # The quantization_config a checkpoint quantized into this format gets (when its source had none)
+    quantization_config: dict | None = None
 
     def holds(self, key: str, dtype: str) -> bool:
         """Does an output tensor of this key and dtype still carry this format?"""
@@ -38,8 +40,12 @@ def register_format(fmt: Format) -> Format:
 
 def output_quantization(config: dict, tensors: list[tuple[str, str]]) -> dict | None:
     """The output's quantization_config: the source's while some (key, dtype) still carries its
-    format (or the format is unknown), None once nothing does."""
+    format (or the format is unknown), None once nothing does; for a source without one, that of
+    the format the output's tensors were quantized into."""
     quantization = config.get("quantization_config")
+    if quantization is None:
+        made = [f for f in FORMATS.values() if f.quantization_config and any(f.holds(k, d) for k, d in tensors)]
+        return dict(made[0].quantization_config) if made else None
     if not isinstance(quantization, dict):
         return quantization
     fmt = FORMATS.get(quantization.get("quant_method"))

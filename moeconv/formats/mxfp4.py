@@ -22,6 +22,7 @@ How it is fast and exact (~30x transformers on one core):
 """
 
 import re
+from typing import Literal
 
 import torch
 
@@ -157,7 +158,7 @@ def _rows(params: dict, specs: list[ops.Spec], index: int) -> ops.RowMap:
     return ops.SAME_ROWS if len(specs[0][1]) > 2 else None
 
 
-@ops.register("dequantize-mxfp4", shape=_shape, rows=_rows, n_inputs=2)
+@ops.register("dequantize-mxfp4", shape=_shape, rows=_rows, n_inputs=2, inverse="quantize-mxfp4")
 def dequantize_op(blocks: torch.Tensor, scales: torch.Tensor, *, dtype: ops.Dtype = "bf16") -> torch.Tensor:
     """MXFP4 U8 blocks [.., G, 16] + U8 scales [.., G] -> [.., G*32] (source row orientation), bit-exact."""
     return dequantize(blocks, scales, dtype=dtypes.to_torch(dtype))
@@ -201,11 +202,41 @@ def consumer_layout(model, quantization_config: dict) -> None:
             model.set_submodule(name, Mxfp4GptOssMLP(module.router, experts))
 
 
+# ---- quantization: the inverse op (kernel in mxfp4_quantize.py) --------------------------------------
+
+
+def _quantize_shape(specs: list[ops.Spec], *, scale: str) -> list[ops.Spec]:
+    ((dtype, shape),) = specs
+    if dtype not in ("BF16", "F16", "F32"):
+        raise OpError(f"quantize-mxfp4: input must be bf16, fp16 or fp32, got {dtype}")
+    if not shape or shape[-1] % 32:
+        raise OpError(f"quantize-mxfp4: the last axis of {list(shape)} must be a multiple of 32 (the blocks run along it)")
+    groups = shape[-1] // 32
+    return [("U8", (*shape[:-1], groups, 16)), ("U8", (*shape[:-1], groups))]
+
+
+def _quantize_rows(params: dict, specs: list[ops.Spec], index: int) -> ops.RowMap:
+    return ops.SAME_ROWS if len(specs[0][1]) > 1 else None  # rows are independent
+
+
+@ops.register("quantize-mxfp4", shape=_quantize_shape, rows=_quantize_rows, inverse="dequantize-mxfp4", fanout="part")
+def quantize_op(x: torch.Tensor, *, scale: Literal["ceil", "floor"] = "ceil") -> tuple[torch.Tensor, torch.Tensor]:
+    """[.., K] bf16/fp16/fp32 -> MXFP4 U8 blocks [.., K/32, 16] + U8 scales [.., K/32] along the last axis (outputs 'blocks', 'scales')."""
+    from moeconv.formats.mxfp4_quantize import quantize
+
+    return quantize(x, scale=scale)
+
+
 FORMAT = register_format(
     Format(
         quant_method="mxfp4",
         keys=re.compile(r".+_(blocks|scales)"),
         dtypes=frozenset({"U8"}),
         consumer_layout=consumer_layout,
+        # what the gpt-oss hub checkpoints carry
+        quantization_config={
+            "quant_method": "mxfp4",
+            "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"],
+        },
     )
 )
