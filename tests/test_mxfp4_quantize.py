@@ -92,11 +92,23 @@ def under(values: torch.Tensor, top: float) -> torch.Tensor:
     return full.gather(1, order)
 
 
+def bf16_step(v: float, steps: int) -> float:
+    """The bf16 value `steps` patterns from the (bf16) value v: +1 the next above, -1 below (v > 0)."""
+    return value(torch.bfloat16, int(torch.tensor([v]).bfloat16().view(torch.int16)) + steps)
+
+
 def bf16_maxima() -> list[float]:
     """Block maxima covering every regime of the scale choice (bf16)."""
-    b = lambda bits: value(torch.bfloat16, bits)  # noqa: E731
-    up = lambda v: b(int(torch.tensor([v]).bfloat16().view(torch.int16)) + 1)  # noqa: E731  next bf16 above
-    down = lambda v: b(int(torch.tensor([v]).bfloat16().view(torch.int16)) - 1)  # noqa: E731
+
+    def b(bits: int) -> float:
+        return value(torch.bfloat16, bits)
+
+    def up(v: float) -> float:
+        return bf16_step(v, 1)
+
+    def down(v: float) -> float:
+        return bf16_step(v, -1)
+
     maxima = [b(0x0001), b(0x0050), b(0x007F), b(0x0080)]  # subnormals, the smallest normal
     for k in (-128, -127, -126, -125, -124, 0, 10, 125):  # ceil: byte boundaries at 6 * 2**k
         maxima += [6 * 2.0**k, up(6 * 2.0**k), down(6 * 2.0**k)]
@@ -109,7 +121,9 @@ def bf16_maxima() -> list[float]:
 
 
 def fp16_maxima() -> list[float]:
-    h = lambda bits: value(torch.float16, bits)  # noqa: E731
+    def h(bits: int) -> float:
+        return value(torch.float16, bits)
+
     maxima = [h(0x0001), h(0x0155), h(0x03FF), h(0x0400), 1.0, 6.0, h(0x4601), h(0x45FF), 4.0, h(0x43FF)]
     maxima += [6 * 2.0**-20, 2.0**-14, h(0x7BFF), 0.000123, 1234.5]
     generator = torch.Generator().manual_seed(8)

@@ -22,27 +22,44 @@ Scale choice, two modes:
   * finite inputs never give more than byte 253 (fp32 max / 6 < 2**126): no clamp is needed.
   Elements: q = x * (1 / scale) in fp32 (exact: powers of two), then round to nearest, TIES TO
   EVEN, onto E2M1, saturating at 6; the sign bit is kept even when the magnitude rounds to 0
-  (-0.0 and tiny negatives give code 8). Upstream history: ties-to-even arrived with triton PR
-  #8110 ("round-to-nearest-to-even mxfp4 quant to be consistent with mxfp8"); before it the torch
-  reference rounded ties away from zero ((e2m1 << 1 | guard) + 1 >> 1), and a later fix added the
-  bits lost by its subnormal shift to the sticky bit (only fp32 inputs can have such bits).
+  (-0.0 and tiny negatives give code 8). Checked bit for bit against a local, uncommitted
+  transcription of the current `downcast_to_mxfp_torch` on this module's test inputs (every finite
+  bf16/fp16 value under many block maxima, random fp32 at every scale, fp32 ties +- 1 ulp, tiny
+  fp32 blocks, zeros): identical blocks and scales. Upstream history: ties-to-even arrived with
+  triton PR #8110 ("round-to-nearest-to-even mxfp4 quant to be consistent with mxfp8"); before it
+  the torch reference added 1 at the guard bit (ties away from zero), and a later fix added the
+  bits dropped by its subnormal shift to the sticky bit (only fp32 inputs have such bits).
   transformers takes triton_kernels from the hub (kernels-community/triton_kernels), whose pinned
   revision could not be checked offline; this module follows the current upstream reference.
   transformers casts the weight to bf16 before quantizing (`w.to(torch.bfloat16)`): for fp32 input
   that is a second rounding. Here fp32 is quantized from its own value (one rounding); cast to bf16
   first to reproduce transformers on fp32 weights.
-- "floor": OCP Microscaling Formats v1.0 (section 6.3), as in microsoft/microxcaling
-  `mx_ops._quantize_mx`: shared_exp = floor(log2 amax) - 2 (2 = emax of E2M1), clamped below at
-  -127 (amax = 0 -> byte 0); elements above 6 after scaling saturate to +-6 (at most 8 * (1 - eps)
-  can occur). Same element rounding (ties to even; microxcaling's "nearest" rounds ties away, the
-  spec does not fix the tie rule). triton's ROUND_DOWN differs from this only for amax < 2**-124:
-  its d = amax / 4 is subnormal, truncates to 0, and the whole block becomes zeros with byte 0.
+- "floor": OCP Microscaling Formats v1.0, as microsoft/microxcaling's `_quantize_mx` computes it
+  (read in copies of mx_ops.py; the spec PDF was not reachable here): shared_exp =
+  floor(log2 amax) - 2 (2 = emax of E2M1), clamped below at -127 (amax = 0 -> byte 0); elements
+  above 6 after scaling saturate to +-6 (below 8 can occur). Same element rounding as "ceil"
+  (ties to even; microxcaling's round="nearest" is floor(|x| + 0.5), ties away, with a separate
+  "even" option). triton's ROUND_DOWN (amax / 4, exponent bits kept) equals this except for
+  amax < 2**-124 (checked as above): its quotient is subnormal, truncates to 0, and the whole
+  block becomes zeros with byte 0.
 
 Other quantizers, NOT followed: ModelOpt's `MXFP4QTensor.quantize` counts `|x| - bound > 0` over the
 midpoints 0.25 .. 5 (every tie rounds DOWN, e.g. 0.75 -> 0.5, 1.75 -> 1.5; its ceil scale allows
 byte 0; `torch.sign(0) = 0` gives +0.0 code 8). Its NVFP4 `_cast_fp4` and compressed-tensors'
 `cast_to_fp4` (after a cast to bf16) do round ties to even (checked in NVIDIA/Model-Optimizer and
 vllm-project/compressed-tensors sources), so "ties down" is ModelOpt's MXFP4 path specifically.
+
+Round trips (tests/test_mxfp4_quantize.py): for x already on the MXFP4 grid (a dequantized
+checkpoint; bf16/fp32 at any scale byte 0..252, fp16 where it holds the values),
+dequantize(quantize(x)) == x bit for bit, signed zeros too, in both modes, with one exception in
+"ceil": a block whose original byte is 0 and which holds a code of magnitude 0.5 or 1.5 (ceil picks
+byte 1, where those become ties 0.25 -> 0 and 0.75 -> 1.0). Blocks and scales come back
+byte-identical exactly where the original byte is the mode's own choice. ceil: byte >= 1 with max
+code 4 or 6; byte 1 with any non-zero block (ceil's lowest byte for those); an all-zero block at
+byte 0. floor: max code 4 or 6; byte 0. Elsewhere, for a max magnitude M <= 3, the byte moves down
+by ceil(log2(M / 6)) (floor: floor(log2 M) - 2) and the codes are the same values rescaled; an
+all-zero block gets byte 0. A block ceil-quantized from real weights has M = 3 when its
+amax / scale fell in (3, 3.5): requantized, it comes back one byte lower.
 
 NaN and +-inf have no MXFP4 encoding: refused with OpError naming the element (index in the given
 tensor, flat row, block of 32 in the row and flat block number); the caller adds the key.
