@@ -73,3 +73,28 @@ def test_a_nan_weight_is_refused_naming_the_key(round_trip, tmp_path):
     error = result.stderr.strip().splitlines()[-1]
     assert "model.layers.1.mlp.experts.down_proj" in error and "NaN" in error, error
     assert not list((tmp_path / "out").glob("*.safetensors"))
+
+
+def test_a_perturbed_fine_tune_quantizes_as_the_reference_within_the_mxfp4_bound(round_trip, tmp_path):
+    """Weights off the grid (a fine-tune): the blocks and scales are the reference quantizer's, byte
+    for byte, and every value is within half a step of the FP4 grid at its block's scale."""
+    from moeconv.formats.mxfp4_quantize import quantize_reference
+
+    src = tmp_path / "tuned"
+    src.mkdir()
+    (src / "config.json").write_bytes((round_trip / "bf16" / "config.json").read_bytes())
+    weights = tensors(round_trip / "bf16")
+    generator = torch.Generator().manual_seed(3)
+    for key in [k for k in weights if k.endswith(("gate_up_proj", "down_proj"))]:
+        noise = torch.randn(weights[key].shape, generator=generator) * 0.01
+        weights[key] = (weights[key].float() + noise).to(torch.bfloat16)
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    assert convert(src, tmp_path / "out", "-p", "gpt-oss-mxfp4").exit_code == 0
+    out = tensors(tmp_path / "out")
+    for name in [k for k in weights if k.endswith(("gate_up_proj", "down_proj"))]:
+        rows = weights[name].transpose(1, 2).contiguous()  # [E, out, in]: the blocks run along `in`
+        blocks, scales = quantize_reference(rows, scale="ceil")
+        assert torch.equal(out[f"{name}_blocks"], blocks) and torch.equal(out[f"{name}_scales"], scales), name
+        step = torch.ldexp(torch.ones(()), scales.to(torch.int32) - 127)  # [E, out, in/32]: 2**(s-127)
+        error = (dequantize(blocks, scales, dtype=torch.float32) - rows.float()).abs().view(*scales.shape, 32)
+        assert bool((error <= step[..., None]).all()), name  # the widest FP4 gap (4 -> 6) is 2 steps
