@@ -95,6 +95,6 @@ def test_a_perturbed_fine_tune_quantizes_as_the_reference_within_the_mxfp4_bound
         rows = weights[name].transpose(1, 2).contiguous()  # [E, out, in]: the blocks run along `in`
         blocks, scales = quantize_reference(rows, scale="ceil")
         assert torch.equal(out[f"{name}_blocks"], blocks) and torch.equal(out[f"{name}_scales"], scales), name
-        step = torch.ldexp(torch.ones(()), scales.to(torch.int32) - 127)  # [E, out, in/32]: 2**(s-127)
+        step = torch.ldexp(torch.ones(scales.shape), scales.to(torch.int32) - 127)  # [E, out, in/32]: 2**(s-127)
         error = (dequantize(blocks, scales, dtype=torch.float32) - rows.float()).abs().view(*scales.shape, 32)
         assert bool((error <= step[..., None]).all()), name  # the widest FP4 gap (4 -> 6) is 2 steps
