@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from moeconv.display import human_bytes, print_all
+from moeconv.display import human_bytes, print_all, safe
 from moeconv.keys import collapse_keys
 from moeconv.plan import Plan
 from moeconv.report import render_report
@@ -25,7 +25,7 @@ def render_plan(plan: Plan, console: Console) -> None:
         for pattern, members in collapse_keys(keys):
             size = sum(plan.tensors[k].nbytes for k in members)
             origin = " -> ".join(chain) if chain else "as is"
-            rows.append((members[0], pattern, dtype, str(list(shape)), f"x{len(members)}", human_bytes(size), origin))
+            rows.append((members[0], safe(pattern), dtype, str(list(shape)), f"x{len(members)}", human_bytes(size), safe(origin)))
     first_keys = {tensor.key: i for i, tensor in enumerate(plan.tensors.values())}
     for row in sorted(rows, key=lambda r: first_keys[r[0]]):
         table.add_row(*row[1:])
@@ -36,9 +36,9 @@ def render_plan(plan: Plan, console: Console) -> None:
         shards.add_row(layout.name, str(len(layout.order)), human_bytes(layout.size), str(len(layout.misaligned)))
     print_all(console, table, shards)
     if plan.companion_files:
-        console.print(f"copied: config.json, {', '.join(plan.companion_files)}", highlight=False)
-    for warning in plan.warnings:
-        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        console.print(f"copied: config.json, {safe(', '.join(plan.companion_files))}", highlight=False)
+    for warning in plan.warnings:  # keys and rule names: shown as they are, never read as markup
+        console.print(f"[yellow]warning:[/] {safe(warning)}", highlight=False)
     render_report(plan.report, console)
 
 

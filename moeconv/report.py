@@ -379,36 +379,36 @@ def render_report(report: LoadReport, console: Console) -> None:
     load could not be checked and why; or one line saying it is clean."""
     from rich.table import Table
 
-    from moeconv.display import print_all
+    from moeconv.display import print_all, safe
 
-    if not report.checked:
-        console.print(f"[yellow]load report: not checked[/yellow] - {report.reason}")
+    if not report.checked:  # keys and config values in the reason: shown as they are, never read as markup
+        console.print(f"[yellow]load report: not checked[/yellow] - {safe(report.reason)}")
         _render_layouts(report, console)
         return
     if report.ok():
-        console.print(f"[green]load report: clean[/green] - {report.consumer} loads every key, nothing left over")
+        console.print(f"[green]load report: clean[/green] - {safe(report.consumer)} loads every key, nothing left over")
         return
     if not (report.missing or report.unexpected or report.mismatched or report.conversion_errors):
         _render_layouts(report, console)
         return
 
-    table = Table(title=f"LOAD REPORT vs {report.consumer}", title_justify="left")
+    table = Table(title=f"LOAD REPORT vs {safe(report.consumer)}", title_justify="left")
     table.add_column("key", overflow="fold")
     table.add_column("status")
     table.add_column("checkpoint (planned)")
     table.add_column("model (expected)")
     for pattern, _ in collapse_keys(report.unexpected):
-        table.add_row(pattern, "[dark_orange]UNEXPECTED[/dark_orange]", "", "")
+        table.add_row(safe(pattern), "[dark_orange]UNEXPECTED[/dark_orange]", "", "")
     for pattern, _ in collapse_keys(report.missing):
-        table.add_row(pattern, "[red]MISSING[/red]", "", "")
+        table.add_row(safe(pattern), "[red]MISSING[/red]", "", "")
     by_shapes: dict[tuple[str, str], list[str]] = {}
     for m in report.mismatched:
         by_shapes.setdefault((_shape(m.actual), _shape(m.expected)), []).append(m.key)
     for (actual, expected), keys in by_shapes.items():
         for pattern, _ in collapse_keys(keys):
-            table.add_row(pattern, "[purple]MISMATCHED[/purple]", actual, expected)
+            table.add_row(safe(pattern), "[purple]MISMATCHED[/purple]", safe(actual), safe(expected))
     for pattern, members in collapse_keys(report.conversion_errors):
-        table.add_row(pattern, "[red]CONVERSION ERROR[/red]", report.conversion_errors[members[0]], "")
+        table.add_row(safe(pattern), "[red]CONVERSION ERROR[/red]", safe(report.conversion_errors[members[0]]), "")
     print_all(console, table)
     counts = f"{len(report.missing)} missing, {len(report.unexpected)} unexpected, {len(report.mismatched)} mismatched"
     if report.conversion_errors:
@@ -426,13 +426,15 @@ def layout_lines(report: LoadReport) -> list[str]:
 
 
 def _render_layouts(report: LoadReport, console: Console) -> None:
+    from moeconv.display import safe, visible
+
     if not report.layouts:
         return
-    consumer = report.consumer or "transformers"
+    consumer = safe(report.consumer or "transformers")
     console.print(
         f"[red]load report: not clean[/red] - {consumer} would load these keys and compute a different function "
         "(their rows or columns mean something else than its layout):",
         highlight=False,
     )
     for line in layout_lines(report):
-        console.print(f"  {line}", markup=False, highlight=False)
+        console.print(f"  {visible(line)}", markup=False, highlight=False)
