@@ -18,7 +18,8 @@ import typer
 from rich.console import Console
 
 from moeconv import checksum as checksums
-from moeconv.errors import MoeconvError
+from moeconv.display import visible
+from moeconv.errors import MoeconvError, OptionError
 
 app = typer.Typer(
     name="moeconv",
@@ -45,7 +46,7 @@ def command(name: str | None = None, *, on: typer.Typer | None = None, **kwargs)
             except MoeconvError as error:
                 if os.environ.get("MOECONV_DEBUG") == "1":
                     raise
-                stderr.print(f"error: {error}", markup=False, highlight=False)
+                stderr.print(f"error: {visible(error)}", markup=False, highlight=False)  # one line, whatever a key holds
                 raise typer.Exit(1) from None
             except (KeyboardInterrupt, Terminated) as stop:
                 # The with/finally blocks on the way up removed the file being written (see execute).
@@ -111,8 +112,12 @@ def inspect_command(
 # ---- convert ---------------------------------------------------------------------------------------
 
 
+MAX_SHARD_SIZE = 2**50  # 1 PiB
+
+
 def parse_size(text: str) -> int:
-    """'5GB' -> 5 * 10**9, '500MiB' -> 500 * 2**20, '1000' -> 1000 (as transformers reads max_shard_size)."""
+    """'5GB' -> 5 * 10**9, '500MiB' -> 500 * 2**20, '1000' -> 1000 (as transformers reads max_shard_size);
+    OptionError (one line) for anything else or outside 1 byte .. 1 PiB."""
     units = {
         "": 1,
         "B": 1,
@@ -133,9 +138,9 @@ def parse_size(text: str) -> int:
             raise ValueError(digits)
         size = int(float(digits) * units[unit.strip()])
     except (ValueError, KeyError, OverflowError):
-        raise typer.BadParameter(f"'{text}' is not a size; use e.g. 5GB, 500MB or 2GiB") from None
-    if not 1 <= size <= 2**50:
-        raise typer.BadParameter(f"'{text}': a shard size is from 1 byte to 1 PiB")
+        raise OptionError(f"--max-shard-size {visible(text)!r} is not a size; use e.g. 5GB, 500MB or 2GiB") from None
+    if not 1 <= size <= MAX_SHARD_SIZE:
+        raise OptionError(f"--max-shard-size {visible(text)!r}: a shard size is from 1 byte to 1 PiB")
     return size
 
 
