@@ -13,6 +13,7 @@ moving. A process that dies keeps them all (the page cache outlives it); after a
 --resume re-hashes every shard the journal lists and redoes any that did not survive whole.
 """
 
+import fcntl
 import glob
 import hashlib
 import json
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from moeconv.checksum import DEFAULT as DEFAULT_CHECKSUM
 from moeconv.checksum import file_checksum, new_hasher
-from moeconv.companions import is_companion
+from moeconv.companions import is_companion, read_companion
 from moeconv.errors import MoeconvError, WriteError
 from moeconv.format import INDEX_NAME
 from moeconv.plan import Plan
@@ -72,23 +73,34 @@ class Output:
         self.overwrite, self.resume, self.checksum = overwrite, resume, checksum
         self.fingerprint = plan_fingerprint(plan, checksum)
         self.finished: dict[str, dict] = {}
+        self._lock: int | None = None  # descriptor of the locked folder while the run owns it
 
     def open(self) -> dict[str, dict]:
-        """Make the folder ready (refusals, --overwrite, --resume) and start the journal."""
-        self.finished = _prepare(
-            self.dir,
-            self.plan.source.root,
-            self.overwrite,
-            resume=self.resume,
-            fingerprint=self.fingerprint,
-            checksum=self.checksum,
-        )
+        """Lock the folder for this run, make it ready (refusals, --overwrite, --resume) and start
+        the journal. Any OS error on the folder is one WriteError line."""
+        ready = False
         try:
+            self._lock = _claim(self.dir, self.plan.source.root)
+            self.finished = _prepare(
+                self.dir, self.overwrite, resume=self.resume, fingerprint=self.fingerprint, checksum=self.checksum
+            )
+            ready = True  # from here on the folder's contents are this run's
             self._write_journal()
         except BaseException as error:
-            self.abandon(error)
-            raise
+            failure = _one_line(error, self.dir)
+            if ready:
+                self.abandon(failure)
+            else:  # refused: what is there (another run's journal included) stays as it was
+                self._unlock()
+            if failure is error:
+                raise
+            raise failure from None
         return dict(self.finished)
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor releases the flock
+            self._lock = None
 
     def staged(self, name: str) -> Path:
         return self.dir / staged_name(name)
@@ -103,11 +115,12 @@ class Output:
         atomic_write_bytes(self.dir / JOURNAL_NAME, (json.dumps(data, indent=2) + "\n").encode(), sync=False)
 
     def finalize(self, extra: dict | None = None) -> dict:
-        """Every shard written: the small files, config.json and the report first (waiting for the
-        load report if it is still being computed; `extra`: more report fields), then the shards get
-        their final names and, last, the one file that makes the folder loadable: the index (several
-        shards) or the single shard. transformers loads nothing without it, so a folder killed at
-        any point before looks incomplete, and --resume still finds the journal. Returns the report."""
+        """Every shard written: the report is computed first (waiting for the load report if it is
+        still being computed; `extra`: more report fields) while nothing has its final name; then
+        the small files, config.json and the report are written, the shards get their final names
+        and, last, the one file that makes the folder loadable: the index (several shards) or the
+        single shard. transformers loads nothing without it, so a folder killed at any point before
+        looks incomplete, and --resume still finds the journal. Returns the report."""
         plan, out = self.plan, self.dir
         names = [layout.name for layout in plan.shards]
         index = index_bytes(plan.shards)
@@ -115,19 +128,17 @@ class Output:
         try:
             for name in names:  # durable before any of them gets its final name
                 fsync_file(self.staged(name))
-            hashes = {name: self.finished[name]["checksum"] for name in names}  # hashed while written
-            if index is not None:
-                hasher = new_hasher(self.checksum)
-                hasher.update(index)
-                hashes[INDEX_NAME] = hasher.hexdigest()
-            small = {name: (plan.source.root / name).read_bytes() for name in plan.companion_files}
+            small = {name: read_companion(plan.source.root, name) for name in plan.companion_files}
             if plan.config is not None:
                 small["config.json"] = (json.dumps(plan.config, indent=2) + "\n").encode()
-            for name, data in small.items():
-                atomic_write_bytes(out / name, data)
-                hashes[name] = file_checksum(out / name, self.checksum)
+            hashes = {name: self.finished[name]["checksum"] for name in names}  # hashed while written
+            hashes.update({name: self._digest(data) for name, data in small.items()})
+            if index is not None:
+                hashes[INDEX_NAME] = self._digest(index)
             report = {**plan.to_json(), "rebuild": plan.rebuild(), "checksums": {"algorithm": self.checksum, "files": hashes}}
             report.update(extra or {})
+            for name, data in small.items():
+                atomic_write_bytes(out / name, data)
             atomic_write_bytes(out / REPORT_NAME, (json.dumps(report, indent=2) + "\n").encode())
             for name in names:
                 os.replace(self.staged(name), out / name)
@@ -140,10 +151,19 @@ class Output:
                 (out / name).unlink(missing_ok=True)
             for name in renamed:  # back out of sight: the journal still lists them for --resume
                 os.replace(out / name, self.staged(name))
-            self.abandon(error)
-            raise
+            failure = _one_line(error, out)
+            self.abandon(failure)
+            if failure is error:
+                raise
+            raise failure from None
         (out / JOURNAL_NAME).unlink(missing_ok=True)
+        self._unlock()
         return report
+
+    def _digest(self, data: bytes) -> str:
+        hasher = new_hasher(self.checksum)
+        hasher.update(data)
+        return hasher.hexdigest()
 
     def abandon(self, error: BaseException) -> None:
         """After a failure: with no finished shard there is nothing to resume, so the journal goes
@@ -156,38 +176,63 @@ class Output:
                 temp.unlink(missing_ok=True)
         if not self.finished:
             (self.dir / JOURNAL_NAME).unlink(missing_ok=True)
-        elif isinstance(error, MoeconvError):
+        self._unlock()
+        if isinstance(error, MoeconvError) and self.finished:
             error.args = (
                 f"{error}; {len(self.finished)} finished shard(s) kept out of sight in {self.dir}: rerun with --resume to continue",
             )
 
 
-def _prepare(
-    out_dir: Path,
-    source_root: Path,
-    overwrite: bool,
-    *,
-    resume: bool = False,
-    fingerprint: str | None = None,
-    checksum: str = DEFAULT_CHECKSUM,
-) -> dict[str, dict]:
-    """Refuse an output folder that is the source, inside it, or not empty (unless overwrite or resume).
+def _one_line(error: BaseException, out: Path) -> BaseException:
+    """An OS error on the output folder as the one-line WriteError; any other error as it is."""
+    if not isinstance(error, OSError):
+        return error
+    return WriteError(f"{error.filename or out}: {error.strerror or error}")
 
-    Returns the kept shards. With `overwrite`, the old report and index are deleted first (so a
-    half-replaced folder never looks complete), then the old shards and leftovers.
 
-    With `resume` and a progress journal there, the shards it lists are kept when their bytes still
-    hash to what it recorded: {shard name: {"size", "checksum"}} of the kept ones. A journal
-    written with another `checksum` algorithm is refused (started over with `overwrite`).
-    """
+def _claim(out_dir: Path, source_root: Path) -> int:
+    """Refuse an output folder that is the source or inside it, or not a folder; create it; lock it
+    for this run (flock on the folder itself: no lock file to leave behind, and the kernel releases
+    it whenever the process ends, kill -9 included). Returns the locked descriptor."""
     out = out_dir.resolve()
     src = source_root.resolve()
     if out == src or src in out.parents:
         raise WriteError(f"{out_dir}: output folder is the source folder or inside it; choose another folder")
     if out.exists() and not out.is_dir():
         raise WriteError(f"{out_dir}: exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise WriteError(f"{out_dir}: cannot create the output folder: {error.strerror or error}") from None
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise WriteError(f"{out_dir}: another moeconv run is writing this folder; wait for it to end or stop it first") from None
+    return fd
+
+
+def _prepare(
+    out_dir: Path,
+    overwrite: bool,
+    *,
+    resume: bool = False,
+    fingerprint: str | None = None,
+    checksum: str = DEFAULT_CHECKSUM,
+) -> dict[str, dict]:
+    """Refuse a claimed (`_claim`) output folder that is not empty, unless overwrite or resume.
+
+    Returns the kept shards. With `overwrite`, the old report and index are deleted first (so a
+    half-replaced folder never looks complete), then what the old run wrote (`_clear_previous`).
+
+    With `resume` and a progress journal there, the shards it lists are kept when their bytes still
+    hash to what it recorded: {shard name: {"size", "checksum"}} of the kept ones. A journal
+    written with another `checksum` algorithm is refused (started over with `overwrite`).
+    """
+    out = out_dir.resolve()
     journal = out / JOURNAL_NAME
-    if out.exists() and any(out.iterdir()):
+    if any(out.iterdir()):
         if resume and journal.is_file():
             kept = _resume(out_dir, fingerprint, overwrite, checksum)
             if kept is not None:
@@ -202,11 +247,6 @@ def _prepare(
                 raise WriteError(f"{out_dir}: nothing to resume (no {JOURNAL_NAME}); pass --overwrite to replace its contents")
             raise WriteError(f"{out_dir}: output folder is not empty; pass --overwrite to replace its contents")
         _clear_previous(out)
-        return {}
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise WriteError(f"{out_dir}: cannot create the output folder: {error.strerror or error}") from None
     return {}
 
 
