@@ -471,18 +471,26 @@ def interleave(x: torch.Tensor, *, dim: int, order: Order = "gate-first") -> tor
     return halves.transpose(d, d + 1).reshape(x.shape).contiguous()  # [.., n, 2, ..] -> g0 u0 g1 u1 ..
 
 
-def _cast_shape(specs: list[Spec], *, dtype: str) -> list[Spec]:
+def _cast_shape(specs: list[Spec], *, dtype: str, lossy: bool = False) -> list[Spec]:
     ((_, shape),) = specs
     return [(dtype, shape)]
 
 
 @register("cast", shape=_cast_shape, rows=same_rows)
-def cast(x: torch.Tensor, *, dtype: Dtype) -> torch.Tensor:
-    """Convert to bf16 / fp16 / fp32; a finite value that would become inf is an error, never silent."""
+def cast(x: torch.Tensor, *, dtype: Dtype, lossy: bool = False) -> torch.Tensor:
+    """Convert to bf16 / fp16 / fp32; a finite value that would become inf is an error, never silent; so is an integer the dtype cannot hold exactly, unless lossy = true."""
     import torch
 
     target = dtypes.to_torch(dtype)
     y = x.to(target).contiguous()
+    if not x.is_floating_point() and not lossy:  # bf16 holds integers exactly up to 256, fp16 2048, fp32 2**24
+        changed = y.to(x.dtype) != x
+        if changed.any():
+            before, after = x[changed][0].item(), y[changed][0].item()
+            raise OpError(
+                f"cast: {int(changed.sum())} integer value(s) change in {dtypes.SHORT_NAMES[dtype]} (e.g. {before} "
+                f"becomes {after:.10g}); add lossy = true to the cast to accept the rounding"
+            )
     if y.is_floating_point() and torch.isinf(y).any():
         overflow = torch.isinf(y) & ~torch.isinf(x.to(torch.float64) if not x.is_floating_point() else x)
         count = int(overflow.sum())
