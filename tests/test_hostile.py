@@ -126,6 +126,15 @@ def test_a_zero_byte_tensor_claiming_2_62_rows_converts(tmp_path):
         assert handle.get_slice("empty").get_shape() == [2**62, 0]
     assert load_file(str(out / "model.safetensors"))["w"].shape == (2, 2)
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", REPORT_NAME]
+    result = run(["verify", out, "--against", src, "--sample", str(10**12)], tmp_path)
+    succeeded(result)
+    assert "2 tensors" in result.stdout
+
+
+@pytest.mark.parametrize("count", [-3, 0])
+def test_a_config_count_that_is_not_positive_is_one_line(mixtral, tmp_path, count):
+    edit_config(mixtral, num_local_experts=count)
+    refused(run(["convert", mixtral, tmp_path / "out", "-p", "fuse-experts"], tmp_path), f"num_local_experts = {count}")
 
 
 def test_unstacking_a_billion_rows_is_refused_at_plan_time(tmp_path):
@@ -133,7 +142,31 @@ def test_unstacking_a_billion_rows_is_refused_at_plan_time(tmp_path):
     src = forge(tmp_path / "src", {key: ("BF16", [10**9, 0, 4], b"")}, {"model_type": "qwen3_moe"})
     out = tmp_path / "out"
     result = run(["convert", src, out, "-p", "unfuse-experts"], tmp_path)
-    refused(result, "unstack", "1000000000", "65536", out=out)
+    refused(result, "unstack", "1000000000", "4096", out=out)
+
+
+def test_a_split_into_200000_sizes_is_refused_quickly(mixtral, tmp_path):
+    sizes = ", ".join(["0"] * 200_000 + ["16"])
+    rule = recipe(
+        tmp_path,
+        f"[[rule]]\nmatch = '(?P<p>.+)\\.w1\\.weight'\nops = [{{ op = 'split', dim = 0, sizes = [{sizes}] }}]\ntarget = '{{p}}.{{part}}'\n",
+    )
+    result = run(["convert", mixtral, tmp_path / "out", "-r", rule], tmp_path)
+    line = refused(result, "split", "200001 sizes", "4096")
+    assert len(line) < 1000 and result.seconds < 10
+
+
+def test_a_split_into_4096_pieces_plans_and_converts_in_seconds(tmp_path):
+    src = forge(tmp_path / "src", {"v": ("BF16", [4096, 1], bytes(2 * 4096))})
+    sizes = ", ".join(["1"] * 4096)
+    rule = recipe(
+        tmp_path, f"[[rule]]\nmatch = 'v'\nops = [{{ op = 'split', dim = 0, sizes = [{sizes}] }}]\ntarget = 'v.{{part}}'\n"
+    )
+    out = tmp_path / "out"
+    result = run(["convert", src, out, "-r", rule], tmp_path)
+    succeeded(result)
+    assert len(load_file(str(out / "model.safetensors"))) == 4096
+    assert (out / REPORT_NAME).stat().st_size < 8 * 2**20  # each tensor's ops text does not carry all 4096 sizes
 
 
 def test_a_config_claiming_200000_layers_gets_no_load_report_but_no_hang(mixtral, tmp_path):
@@ -153,6 +186,11 @@ def test_a_backtracking_regex_cannot_hang_convert_or_verify(tmp_path):
     result = run(["verify", out, "--against", src], tmp_path)
     succeeded(result)
     assert "equal to the source" in result.stdout
+
+
+def test_a_regex_nested_5000_deep_is_one_line(mixtral, tmp_path):
+    rule = recipe(tmp_path, "[[rule]]\nmatch = '" + "(" * 5000 + "a" + ")" * 5000 + "'\ntarget = 'x'\n")
+    refused(run(["convert", mixtral, tmp_path / "out", "-r", rule], tmp_path), "recipe.toml", "match", "too deeply")
 
 
 def test_a_lookahead_is_refused_in_one_line(mixtral, tmp_path):
@@ -327,6 +365,13 @@ HAND_EDITS = {
 def test_verify_of_a_hand_edited_report_is_one_line(converted, mixtral, tmp_path, edit):
     edit_report(converted, HAND_EDITS[edit])
     refused(run(["verify", converted, "--against", mixtral], tmp_path), REPORT_NAME)
+
+
+def test_verify_reads_no_file_through_a_link_out_of_the_folder(converted, tmp_path):
+    (converted / "generation_config.json").unlink()
+    (converted / "generation_config.json").symlink_to("/proc/self/status")
+    line = refused(run(["verify", converted], tmp_path), "generation_config.json", "outside the folder")
+    assert "/status, outside" in line
 
 
 def test_a_hub_snapshot_whose_index_weight_map_is_a_list(sharded, tmp_path):
