@@ -20,7 +20,7 @@ from rich.console import Console
 
 from moeconv import checksum as checksums
 from moeconv.display import printable, safe
-from moeconv.errors import MoeconvError
+from moeconv.errors import MoeconvError, OptionError
 
 app = typer.Typer(
     name="moeconv",
@@ -162,8 +162,12 @@ def inspect_command(
 # ---- convert ---------------------------------------------------------------------------------------
 
 
+MAX_SHARD_SIZE = 2**50  # 1 PiB
+
+
 def parse_size(text: str) -> int:
-    """'5GB' -> 5 * 10**9, '500MiB' -> 500 * 2**20, '1000' -> 1000 (as transformers reads max_shard_size)."""
+    """'5GB' -> 5 * 10**9, '500MiB' -> 500 * 2**20, '1000' -> 1000 (as transformers reads max_shard_size);
+    OptionError (one line) for anything else or outside 1 byte .. 1 PiB."""
     units = {
         "": 1,
         "B": 1,
@@ -178,11 +182,16 @@ def parse_size(text: str) -> int:
     }
     number = text.strip().upper().rstrip()
     unit = number.lstrip("0123456789. ")
+    digits = number[: len(number) - len(unit)]
     try:
-        value = float(number[: len(number) - len(unit)])
-        return int(value * units[unit.strip()])
-    except (ValueError, KeyError):
-        raise typer.BadParameter(f"'{text}' is not a size; use e.g. 5GB, 500MB or 2GiB") from None
+        if len(digits) > 20:  # float() of a 400-digit number is inf, and int(inf) raises
+            raise ValueError(digits)
+        size = int(float(digits) * units[unit.strip()])
+    except (ValueError, KeyError, OverflowError):
+        raise OptionError(f"--max-shard-size {printable(text)!r} is not a size; use e.g. 5GB, 500MB or 2GiB") from None
+    if not 1 <= size <= MAX_SHARD_SIZE:
+        raise OptionError(f"--max-shard-size {printable(text)!r}: a shard size is from 1 byte to 1 PiB")
+    return size
 
 
 # --checksum choices, straight from moeconv.checksum (hashlib + xxhash: milliseconds to import)

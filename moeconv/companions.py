@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from moeconv import dtypes
+from moeconv.errors import WriteError
 from moeconv.formats import output_quantization
 from moeconv.source import allowed_target
 
@@ -35,6 +36,23 @@ def companion_files(root: Path, listing: dict[str, int | None] | None = None) ->
             if is_companion(path.name) and path.is_file() and allowed_target(path, root)
         }
     return [name for name, size in sorted(listing.items()) if is_companion(name) and (size or 0) <= MAX_COMPANION_BYTES]
+
+
+def read_companion(root: Path, name: str) -> bytes:
+    """The bytes of a companion file chosen at plan time, checked again as it is read: still a
+    regular file inside the source folder, still at most MAX_COMPANION_BYTES (a file swapped or
+    grown since is refused, not copied)."""
+    path = root / name
+    if not (path.is_file() and allowed_target(path, root)):
+        raise WriteError(f"{path}: no longer a regular file inside the source folder; refusing to copy it")
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_COMPANION_BYTES + 1)
+    except OSError as error:
+        raise WriteError(f"{path}: cannot read it: {error.strerror or error}") from None
+    if len(data) > MAX_COMPANION_BYTES:
+        raise WriteError(f"{path}: grew past {MAX_COMPANION_BYTES} bytes since it was planned; refusing to copy it")
+    return data
 
 
 def output_config(config: dict | None, tensors: Iterable, dtype: str | None) -> dict | None:

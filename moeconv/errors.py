@@ -8,6 +8,10 @@ class MoeconvError(Exception):
     """Base class: a problem with the user's input or environment, reported without a traceback."""
 
 
+class OptionError(MoeconvError):
+    """A command-line option's value is malformed or out of its bounds (the message names the option)."""
+
+
 class CheckpointError(MoeconvError):
     """A checkpoint file or index claims something that is not true or not safe."""
 

@@ -19,7 +19,9 @@ that name. Every kernel output is contiguous: its bytes are written as they are.
 from __future__ import annotations  # kernels annotate with torch types
 
 import difflib
+import functools
 import inspect
+import itertools
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ if TYPE_CHECKING:
 Order = Literal["gate-first", "up-first"]
 Spec = tuple[str, tuple[int, ...]]  # (safetensors dtype name, shape) of a tensor, without its data
 Piece = tuple[int, int, int, int | None]  # (input index, start, stop, within): see MovesRows
-MAX_PIECES = 1 << 16  # split/unstack outputs at most this many tensors (a file may claim any dim)
+MAX_PIECES = 4096  # split/unstack make at most this many tensors (a file may claim any dim; models have <= 512 experts)
 
 
 class Dtype(str):
@@ -310,9 +312,12 @@ def concat(*xs: torch.Tensor, dim: int = 0) -> torch.Tensor:
 def _split_sizes(shape: tuple[int, ...], d: int, parts: int, sizes: list[int]) -> list[int]:
     """The pieces' sizes along dim d: `sizes` as given, or `parts` equal ones; OpError if they do not fit."""
     if sizes:
+        if len(sizes) > MAX_PIECES:
+            raise OpError(f"split: {len(sizes)} sizes, more than the {MAX_PIECES} tensors a split may make")
         if any(size < 0 for size in sizes) or sum(sizes) != shape[d] or (parts not in (2, len(sizes))):
+            shown = sizes if len(sizes) <= 16 else [*sizes[:16], "..."]
             raise OpError(
-                f"split: sizes {sizes} must be {len(sizes)} non-negative sizes summing to dim {d} of {list(shape)} ({shape[d]})"
+                f"split: sizes {shown} must be {len(sizes)} non-negative sizes summing to dim {d} of {list(shape)} ({shape[d]})"
             )
         return list(sizes)
     if parts < 1 or parts > MAX_PIECES or shape[d] % parts:
@@ -326,11 +331,18 @@ def _split_shape(specs: list[Spec], *, dim: int, parts: int, sizes: list[int]) -
     return [(dtype, shape[:d] + (size,) + shape[d + 1 :]) for size in _split_sizes(shape, d, parts, sizes)]
 
 
+@functools.lru_cache(maxsize=64)
+def _split_starts(shape: tuple[int, ...], parts: int, sizes: tuple[int, ...]) -> tuple[int, ...]:
+    """Where each piece of a dim-0 split starts: computed once per split, not once per piece
+    (thousands of pieces made planning quadratic)."""
+    return (0, *itertools.accumulate(_split_sizes(shape, 0, parts, list(sizes))))
+
+
 def _split_rows(params: dict, specs: list[Spec], index: int) -> RowMap:
     ((_, shape),) = specs
     if params["dim"] % len(shape) != 0:
         return SAME_ROWS
-    first = sum(_split_sizes(shape, 0, params["parts"], params["sizes"])[:index])
+    first = _split_starts(tuple(shape), params["parts"], tuple(params["sizes"]))[index]
 
     def pieces(start: int, stop: int, within: int | None) -> list[Piece]:
         if within is not None:
@@ -473,18 +485,26 @@ def interleave(x: torch.Tensor, *, dim: int, order: Order = "gate-first") -> tor
     return halves.transpose(d, d + 1).reshape(x.shape).contiguous()  # [.., n, 2, ..] -> g0 u0 g1 u1 ..
 
 
-def _cast_shape(specs: list[Spec], *, dtype: str) -> list[Spec]:
+def _cast_shape(specs: list[Spec], *, dtype: str, lossy: bool = False) -> list[Spec]:
     ((_, shape),) = specs
     return [(dtype, shape)]
 
 
 @register("cast", shape=_cast_shape, rows=same_rows)
-def cast(x: torch.Tensor, *, dtype: Dtype) -> torch.Tensor:
-    """Convert to bf16 / fp16 / fp32; a finite value that would become inf is an error, never silent."""
+def cast(x: torch.Tensor, *, dtype: Dtype, lossy: bool = False) -> torch.Tensor:
+    """Convert to bf16 / fp16 / fp32; a finite value that would become inf is an error, never silent; so is an integer the dtype cannot hold exactly, unless lossy = true."""
     import torch
 
     target = dtypes.to_torch(dtype)
     y = x.to(target).contiguous()
+    if not x.is_floating_point() and not lossy:  # bf16 holds integers exactly up to 256, fp16 2048, fp32 2**24
+        changed = y.to(x.dtype) != x
+        if changed.any():
+            before, after = x[changed][0].item(), y[changed][0].item()
+            raise OpError(
+                f"cast: {int(changed.sum())} integer value(s) change in {dtypes.SHORT_NAMES[dtype]} (e.g. {before} "
+                f"becomes {after:.10g}); add lossy = true to the cast to accept the rounding"
+            )
     if y.is_floating_point() and torch.isinf(y).any():
         overflow = torch.isinf(y) & ~torch.isinf(x.to(torch.float64) if not x.is_floating_point() else x)
         count = int(overflow.sum())

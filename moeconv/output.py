@@ -22,14 +22,13 @@ from pathlib import Path
 
 from moeconv.checksum import DEFAULT as DEFAULT_CHECKSUM
 from moeconv.checksum import file_checksum, new_hasher
-from moeconv.companions import is_companion
+from moeconv.companions import is_companion, read_companion
 from moeconv.errors import MoeconvError, WriteError
 from moeconv.format import INDEX_NAME
 from moeconv.plan import Plan
 from moeconv.writer import atomic_write_bytes, fsync_dir, fsync_file, index_bytes
 
 REPORT_NAME = "moeconv-report.json"
-LOCK_NAME = ".moeconv-lock"  # held (flock) by the run writing the folder
 JOURNAL_NAME = ".moeconv-progress.json"  # an unfinished run: its finished shards, for --resume
 
 
@@ -110,12 +109,14 @@ class Output:
         self.options = run_options(plan, checksum)
         self.finished: dict[str, dict] = {}
         self.notes: list[str] = []  # what --resume kept or redid, and why
+        self._lock: int | None = None  # descriptor of the locked folder while the run owns it
 
     def open(self) -> dict[str, dict]:
-        """Take the folder's lock for the run's life, make the folder ready (refusals, --overwrite,
-        --resume) and start the journal."""
-        self._lock = _take_lock(self.dir, self.plan.source.root)
+        """Lock the folder for this run, make it ready (refusals, --overwrite, --resume) and start
+        the journal. Any OS error on the folder is one WriteError line."""
+        ready = False
         try:
+            self._lock = _claim(self.dir, self.plan.source.root)
             self.finished = _prepare(
                 self.dir,
                 self.overwrite,
@@ -125,18 +126,26 @@ class Output:
                 options=self.options,
                 notes=self.notes,
             )
-        except BaseException:
-            self._release()
-            raise
+            ready = True  # from here on the folder's contents are this run's
+            self._write_journal()
+        except BaseException as error:
+            failure = _one_line(error, self.dir)
+            if ready:
+                self.abandon(failure)
+            else:  # refused: what is there (another run's journal included) stays as it was
+                self._unlock()
+            if failure is error:
+                raise
+            raise failure from None
         if self.resume and self.notes:
             todo = len(self.plan.shards) - len(self.finished)
             self.notes.append(f"kept {len(self.finished)} of {len(self.plan.shards)} shard(s); writing {todo}")
-        try:
-            self._write_journal()
-        except BaseException as error:
-            self.abandon(error)
-            raise
         return dict(self.finished)
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor releases the flock
+            self._lock = None
 
     def staged(self, name: str) -> Path:
         return self.dir / staged_name(name)
@@ -151,11 +160,12 @@ class Output:
         atomic_write_bytes(self.dir / JOURNAL_NAME, (json.dumps(data, indent=2) + "\n").encode(), sync=False)
 
     def finalize(self, extra: dict | None = None) -> dict:
-        """Every shard written: the small files, config.json and the report first (waiting for the
-        load report if it is still being computed; `extra`: more report fields), then the shards get
-        their final names and, last, the one file that makes the folder loadable: the index (several
-        shards) or the single shard. transformers loads nothing without it, so a folder killed at
-        any point before looks incomplete, and --resume still finds the journal. Returns the report."""
+        """Every shard written: the report is computed first (waiting for the load report if it is
+        still being computed; `extra`: more report fields) while nothing has its final name; then
+        the small files, config.json and the report are written, the shards get their final names
+        and, last, the one file that makes the folder loadable: the index (several shards) or the
+        single shard. transformers loads nothing without it, so a folder killed at any point before
+        looks incomplete, and --resume still finds the journal. Returns the report."""
         plan, out = self.plan, self.dir
         names = [layout.name for layout in plan.shards]
         index = index_bytes(plan.shards)
@@ -163,19 +173,17 @@ class Output:
         try:
             for name in names:  # durable before any of them gets its final name
                 fsync_file(self.staged(name))
-            hashes = {name: self.finished[name]["checksum"] for name in names}  # hashed while written
-            if index is not None:
-                hasher = new_hasher(self.checksum)
-                hasher.update(index)
-                hashes[INDEX_NAME] = hasher.hexdigest()
-            small = {name: (plan.source.root / name).read_bytes() for name in plan.companion_files}
+            small = {name: read_companion(plan.source.root, name) for name in plan.companion_files}
             if plan.config is not None:
                 small["config.json"] = (json.dumps(plan.config, indent=2) + "\n").encode()
-            for name, data in small.items():
-                atomic_write_bytes(out / name, data)
-                hashes[name] = file_checksum(out / name, self.checksum)
+            hashes = {name: self.finished[name]["checksum"] for name in names}  # hashed while written
+            hashes.update({name: self._digest(data) for name, data in small.items()})
+            if index is not None:
+                hashes[INDEX_NAME] = self._digest(index)
             report = {**plan.to_json(), "rebuild": plan.rebuild(), "checksums": {"algorithm": self.checksum, "files": hashes}}
             report.update(extra or {})
+            for name, data in small.items():
+                atomic_write_bytes(out / name, data)
             atomic_write_bytes(out / REPORT_NAME, (json.dumps(report, indent=2) + "\n").encode())
             for name in names:
                 os.replace(self.staged(name), out / name)
@@ -188,17 +196,19 @@ class Output:
                 (out / name).unlink(missing_ok=True)
             for name in renamed:  # back out of sight: the journal still lists them for --resume
                 os.replace(out / name, self.staged(name))
-            self.abandon(error)
-            raise
+            failure = _one_line(error, out)
+            self.abandon(failure)
+            if failure is error:
+                raise
+            raise failure from None
         (out / JOURNAL_NAME).unlink(missing_ok=True)
-        self._release()
+        self._unlock()
         return report
 
-    def _release(self) -> None:
-        lock, self._lock = getattr(self, "_lock", None), None
-        if lock is not None:
-            (self.dir / LOCK_NAME).unlink(missing_ok=True)
-            os.close(lock)  # the kernel drops the lock with the descriptor (and when a killed run's process ends)
+    def _digest(self, data: bytes) -> str:
+        hasher = new_hasher(self.checksum)
+        hasher.update(data)
+        return hasher.hexdigest()
 
     def abandon(self, error: BaseException) -> None:
         """After a failure: with no finished shard there is nothing to resume, so the journal goes
@@ -209,18 +219,26 @@ class Output:
         for name in ours + list(self.plan.companion_files):
             for temp in self.dir.glob(f".{glob.escape(name)}.*.tmp"):
                 temp.unlink(missing_ok=True)
-        self._release()
         if not self.finished:
             (self.dir / JOURNAL_NAME).unlink(missing_ok=True)
-        elif isinstance(error, MoeconvError):
+        self._unlock()
+        if isinstance(error, MoeconvError) and self.finished:
             error.args = (
                 f"{error}; {len(self.finished)} finished shard(s) kept out of sight in {self.dir}: rerun with --resume to continue",
             )
 
 
-def _take_lock(out_dir: Path, source_root: Path) -> int:
-    """Create OUT if needed and hold an exclusive lock on OUT/.moeconv-lock: a second run on the
-    same folder (with --overwrite or --resume too) is refused at once instead of both failing."""
+def _one_line(error: BaseException, out: Path) -> BaseException:
+    """An OS error on the output folder as the one-line WriteError; any other error as it is."""
+    if not isinstance(error, OSError):
+        return error
+    return WriteError(f"{error.filename or out}: {error.strerror or error}")
+
+
+def _claim(out_dir: Path, source_root: Path) -> int:
+    """Refuse an output folder that is the source or inside it, or not a folder; create it; lock it
+    for this run (flock on the folder itself: no lock file to leave behind, and the kernel releases
+    it whenever the process ends, kill -9 included). Returns the locked descriptor."""
     out = out_dir.resolve()
     src = source_root.resolve()
     if out == src or src in out.parents:
@@ -229,14 +247,14 @@ def _take_lock(out_dir: Path, source_root: Path) -> int:
         raise WriteError(f"{out_dir}: exists and is not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as error:
-        raise WriteError(f"{out_dir}: cannot create the output folder or its lock file: {error.strerror or error}") from None
+        raise WriteError(f"{out_dir}: cannot create the output folder: {error.strerror or error}") from None
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         os.close(fd)
-        raise WriteError(f"{out_dir}: another moeconv run is writing this folder; wait for it or choose another OUT") from None
+        raise WriteError(f"{out_dir}: another moeconv run is writing this folder; wait for it to end or stop it first") from None
     return fd
 
 
@@ -259,9 +277,9 @@ def _prepare(
     hash to what it recorded: {shard name: {"size", "checksum"}} of the kept ones. A journal
     written with another `checksum` algorithm is refused (started over with `overwrite`).
     """
-    out = out_dir.resolve()  # created, and checked against the source, by _take_lock
+    out = out_dir.resolve()  # created, checked against the source and locked by _claim
     journal = out / JOURNAL_NAME
-    if any(p.name != LOCK_NAME for p in out.iterdir()):
+    if any(out.iterdir()):
         if resume and journal.is_file():
             kept = _resume(out_dir, fingerprint, overwrite, checksum, options or {}, notes if notes is not None else [])
             if kept is not None:

@@ -304,8 +304,11 @@ class _Planner:
         configs = [self.config, self.config.get("text_config") or {}]
         for name in rule.count or ():
             for config in configs:
-                if isinstance(config.get(name), int):
-                    return config[name], f" from config.json {name}"
+                value = config.get(name)
+                if isinstance(value, int) and not isinstance(value, bool):
+                    if value < 1:
+                        raise PlanError(f"{rule.where}: config.json {name} = {value}; a count of members must be positive")
+                    return value, f" from config.json {name}"
         return None, ""
 
     def _steps(self, rule: Rule, steps: tuple[OpStep, ...], values: list[Value], where: str) -> list[Value]:

@@ -66,11 +66,18 @@ class OpStep:
     names: tuple[str, ...] | None = None  # values of that variable (split parts)
 
     def describe(self, params: dict | None = None) -> str:
-        """'transpose(dim0=1, dim1=2)', with `params` (resolved "$dtype") when given."""
-        args = ", ".join(
-            f"{k}={dtypes.SHORT_NAMES.get(v, v) if isinstance(v, str) else v}" for k, v in (params or self.params).items()
-        )
+        """'transpose(dim0=1, dim1=2)', with `params` (resolved "$dtype") when given; a long list
+        as its first values and its length (every output tensor's `ops` carries this text)."""
+        args = ", ".join(f"{k}={_shown(v)}" for k, v in (params or self.params).items())
         return f"{self.op}({args})"
+
+
+def _shown(value: object) -> object:
+    if isinstance(value, str):
+        return dtypes.SHORT_NAMES.get(value, value)
+    if isinstance(value, list) and len(value) > 8:
+        return f"[{', '.join(map(str, value[:4]))}, ... ({len(value)} values)]"
+    return value
 
 
 @dataclass(frozen=True)
@@ -127,6 +134,8 @@ def _compile(where: str, field_name: str, pattern: object):
         re.compile(pattern)
     except re.error as error:
         raise _fail(where, f"field '{field_name}': regex does not compile: {error}") from None
+    except RecursionError:
+        raise _fail(where, f"field '{field_name}': regex nests groups too deeply") from None
     try:
         return re2.compile(pattern, options=_RE2_OPTIONS)
     except re2.error as error:

@@ -22,9 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moeconv.checksum import ALGORITHMS, file_checksum
-from moeconv.errors import CheckpointError, VerifyError
+from moeconv.dtypes import USER_DTYPES
+from moeconv.errors import CheckpointError, RecipeError, VerifyError
+from moeconv.format import MAX_ALIGN
 from moeconv.output import REPORT_NAME
-from moeconv.source import read_header
+from moeconv.source import allowed_target, read_header
 from moeconv.stream import CHUNK_BYTES, Chunk, as_bytes, chunks, produce
 
 
@@ -91,7 +93,69 @@ def _load_report(out: Path) -> dict:
         raise VerifyError(
             f"{path}: unknown checksum algorithm {json.dumps(algorithm)} (this moeconv knows {', '.join(ALGORITHMS)})"
         )
+    _check_schema(path, report)
     return report
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _plain_name(value: object) -> bool:
+    return isinstance(value, str) and value not in ("", ".", "..") and "\x00" not in value and Path(value).name == value
+
+
+def _need(path: Path, ok: bool, field_name: str, what: str) -> None:
+    if not ok:
+        raise VerifyError(f"{path}: {field_name} must be {what}; this is not the report moeconv wrote (edited since?)")
+
+
+def _shard_entry(shard: object) -> bool:
+    """{"name": file name, "size": bytes, "misaligned": [keys]}, as Plan.shards_json writes it."""
+    if not (isinstance(shard, dict) and _plain_name(shard.get("name")) and _count(shard.get("size"))):
+        return False
+    misaligned = shard.get("misaligned", [])
+    return isinstance(misaligned, list) and all(isinstance(key, str) for key in misaligned)
+
+
+def _tensor_entry(entry: object) -> bool:
+    """{"key", "shard", "dtype": str, "shape": [sizes], "offset": bytes}, as PlannedTensor.to_json writes it."""
+    if not (isinstance(entry, dict) and all(isinstance(entry.get(f), str) for f in ("key", "shard", "dtype"))):
+        return False
+    shape = entry.get("shape")
+    return _count(entry.get("offset")) and isinstance(shape, list) and all(_count(d) for d in shape)
+
+
+def _check_schema(path: Path, report: dict) -> None:
+    """Every field verify reads, checked before it is used: a report edited by hand is one line
+    naming the field, never a traceback."""
+    align = report.get("align", 1)
+    _need(path, _count(align) and align >= 1 and not align & (align - 1), "'align'", "a power of two")
+    for name, digest in report["checksums"]["files"].items():
+        ok = _plain_name(name) and isinstance(digest, str)
+        _need(path, ok, f"checksums.files[{json.dumps(name)}]", "a file name with a hex digest")
+    for i, shard in enumerate(report["shards"]):
+        _need(path, _shard_entry(shard), f"shards[{i}]", "an object with a file 'name', a 'size' and the 'misaligned' keys")
+    for i, entry in enumerate(report["tensors"]):
+        _need(path, _tensor_entry(entry), f"tensors[{i}]", "an object with 'key', 'shard', 'dtype', 'shape' and 'offset'")
+
+
+def _check_rebuild(path: Path, rebuild: object) -> None:
+    """The report's `rebuild` section, before --against re-plans from it."""
+    if not isinstance(rebuild, dict) or not isinstance(rebuild.get("recipes"), list):
+        raise VerifyError(
+            f"{path}: no 'rebuild' section (recipes and options); --against needs a report from this moeconv version"
+        )
+    for i, recipe in enumerate(rebuild["recipes"]):
+        ok = isinstance(recipe, dict) and isinstance(recipe.get("origin"), str) and isinstance(recipe.get("text"), str)
+        _need(path, ok, f"rebuild.recipes[{i}]", "an object with the recipe's 'origin' and TOML 'text'")
+    dtype = rebuild.get("dtype")
+    _need(path, dtype is None or dtype in USER_DTYPES, "rebuild.dtype", f"null or one of {', '.join(USER_DTYPES)}")
+    align = rebuild.get("align")
+    ok = _count(align) and 8 <= align <= MAX_ALIGN and not align & (align - 1)
+    _need(path, ok, "rebuild.align", f"a power of two from 8 to {MAX_ALIGN}")
+    size = rebuild.get("max_shard_size")
+    _need(path, _count(size) and 1 <= size <= 2**50, "rebuild.max_shard_size", "from 1 byte to 1 PiB")
 
 
 def _check_hashes(out: Path, report: dict, result: VerifyResult, progress=None) -> set[str]:
@@ -103,11 +167,12 @@ def _check_hashes(out: Path, report: dict, result: VerifyResult, progress=None) 
         progress.phase(f"checking {algorithm}", sum(sizes.values()), sizes)
     for name, digest in report["checksums"]["files"].items():
         path = out / name
-        if Path(name).name != name:
-            result.problems.append(f"{REPORT_NAME}: file name {json.dumps(name)} is not a plain file name")
-            continue
         if not path.is_file():
             result.problems.append(f"{path}: missing (the report lists it)")
+            missing.add(name)
+            continue
+        if not allowed_target(path, out):  # never read through a link out of the folder (/proc/kcore: no end)
+            result.problems.append(f"{path}: a symlink to {path.resolve()}, outside the folder; moeconv writes none")
             missing.add(name)
             continue
         got = file_checksum(path, algorithm, progress and (lambda n, name=name: progress.advance(n, name)))
@@ -126,8 +191,8 @@ def _check_layout(out: Path, report: dict, result: VerifyResult, missing: set[st
     for entry in report["tensors"]:
         by_shard.setdefault(entry.get("shard"), {})[entry.get("key")] = entry
     for shard in report["shards"]:
-        name = shard.get("name")
-        if name in missing or Path(str(name)).name != name:
+        name = shard["name"]
+        if name in missing:
             continue
         path = out / name
         if not path.is_file():
@@ -161,18 +226,18 @@ def _check_layout(out: Path, report: dict, result: VerifyResult, missing: set[st
                 )
 
 
-def _rebuild_plan(report: dict, against: str):
+def _rebuild_plan(path: Path, report: dict, against: str):
     from moeconv.dtypes import parse_user_dtype
     from moeconv.hub import fetch_inputs, open_source
     from moeconv.plan import build_plan
     from moeconv.recipe import parse_recipe
 
     rebuild = report.get("rebuild")
-    if not isinstance(rebuild, dict) or not isinstance(rebuild.get("recipes"), list):
-        raise VerifyError(
-            f"{REPORT_NAME}: no 'rebuild' section (recipes and options); --against needs a report from this moeconv version"
-        )
-    recipes = [parse_recipe(r["text"], r["origin"]) for r in rebuild["recipes"]]
+    _check_rebuild(path, rebuild)
+    try:
+        recipes = [parse_recipe(r["text"], r["origin"]) for r in rebuild["recipes"]]
+    except RecipeError as error:
+        raise VerifyError(f"{path}: rebuild recipe {error}") from None
     dtype = parse_user_dtype(rebuild["dtype"]) if rebuild.get("dtype") else None
     source = open_source(against)
     plan = build_plan(source, recipes, dtype=dtype, align=rebuild["align"], max_shard_size=rebuild["max_shard_size"])
@@ -217,7 +282,7 @@ def _compared_bytes(plan, skip: set[str], sample: int | None) -> int:
     for tensor in plan.tensors.values():
         if tensor.shard in skip:
             continue
-        if sample is not None and tensor.shape and tensor.shape[0]:
+        if sample is not None and tensor.nbytes:  # rows of a zero-byte tensor are not bounded by bytes
             total += tensor.nbytes // tensor.shape[0] * len(sample_rows(tensor.shape[0], sample))
         else:
             total += tensor.nbytes
@@ -238,7 +303,7 @@ def _check_values(
             if tensor.shard not in handles:
                 handles[tensor.shard] = os.open(out / tensor.shard, os.O_RDONLY)
             fd = handles[tensor.shard]
-            if not tensor.shape:
+            if not tensor.shape or not tensor.nbytes:  # a zero-byte tensor may claim 2**62 rows: one empty read
                 ranges = [None]
             elif sample is not None:
                 ranges = [Chunk(r, r + 1) for r in sample_rows(tensor.shape[0], sample)]
@@ -283,7 +348,7 @@ def verify(
     missing = _check_hashes(out, report, result, progress)
     _check_layout(out, report, result, missing)
     if against is not None:
-        plan = _rebuild_plan(report, against)
+        plan = _rebuild_plan(out / REPORT_NAME, report, against)
         if _check_plan(plan, report, result):
             skip = {name for name in {t.shard for t in plan.tensors.values()} if not (out / name).is_file()}
             _check_values(out, plan, result, skip, sample, chunk_bytes, progress)
