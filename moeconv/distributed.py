@@ -20,7 +20,9 @@ with or without Ray. Ray is imported by `run` alone (`pip install 'moeconv[ray]'
 
 import copy
 import os
+import signal
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,6 +43,7 @@ from moeconv.stream import CHUNK_BYTES
 RETRIES = 3  # reruns of a task whose worker or node died (Ray's max_retries); a MoeconvError is never retried
 PROCESS_BYTES = 2**30  # a worker's own memory besides chunks: Python, torch, Ray (about 0.5 GB measured), doubled
 LOCAL_STORE_BYTES = 256 * 2**20  # --ray local: Ray's object store holds plan slices and manifests, never tensors
+CONNECT_SECONDS = 10.0  # for the cluster's address to answer at all
 WAIT_SECONDS = 1.0  # the driver wakes this often to handle signals
 STOP_SECONDS = 30.0  # after a failure: how long cancelled tasks get to delete their temp files
 
@@ -178,15 +181,34 @@ def _connected(ray, address: str | None) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
+    if address is not None:
+        _check_reachable(address)
     options = {"object_store_memory": LOCAL_STORE_BYTES, "include_dashboard": False} if address == "local" else {}
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     try:
         ray.init(address=address, log_to_driver=False, logging_level="ERROR", **options)
     except Exception as error:
         raise ClusterError(f"--ray {address}: cannot start or reach Ray there: {_first_line(error)}") from None
+    if on_sigterm is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)  # Ray's core replaced it with one that aborts the process
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def _check_reachable(address: str) -> None:
+    """A HOST:PORT (or ray://HOST:PORT) that nothing answers at is refused at once: Ray itself
+    would retry for minutes."""
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if not colon or not port.isdigit():
+        return  # "auto", "local"
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_SECONDS).close()
+    except OSError as error:
+        raise ClusterError(
+            f"--ray {address}: nothing answers there ({error.strerror or error}); is the cluster's head node up at that address?"
+        ) from None
 
 
 def _first_line(error: BaseException) -> str:
@@ -239,12 +261,24 @@ def _submit(ray, plan: Plan, tasks: list[Task], **settings) -> dict:
     return refs
 
 
+def _wait(ray, refs: list) -> list:
+    """The refs of finished tasks, after at most WAIT_SECONDS. A signal handler's exception
+    (Ctrl-C, SIGTERM) raised while Ray's core waits comes out as a SystemError caused by it: it
+    is raised as itself, for the CLI to report."""
+    try:
+        return ray.wait(refs, num_returns=1, timeout=WAIT_SECONDS, fetch_local=False)[0]
+    except SystemError as error:
+        if isinstance(error.__cause__, BaseException) and not isinstance(error.__cause__, Exception):
+            raise error.__cause__ from None
+        raise
+
+
 def _collect(ray, refs: dict, output: Output, progress: Progress | None) -> None:
     """Journal each shard as its task returns; on any failure or signal, stop the other tasks."""
     pending = dict(refs)
     try:
         while pending:
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=WAIT_SECONDS, fetch_local=False)
+            done = _wait(ray, list(pending))
             for ref in done:
                 task = pending.pop(ref)
                 manifests = _result(ray, ref, task)
@@ -307,20 +341,19 @@ def run(
         "threads": _task_threads(),
     }
     fetch_companions(plan)  # hub repo ids: the small files the driver copies at the end
-    output = Output(out_dir, plan, overwrite=overwrite, resume=resume, checksum=checksum)
-    kept = output.open()
-    try:
-        if started:
-            started(list(output.notes))
-        for layout in plan.shards:
-            if layout.name in kept and progress:
-                progress(layout.name, sum(spec.nbytes for spec in layout.order))
-        tasks = partition(plan, {layout.name for layout in plan.shards} - kept.keys(), task_bytes)
-        if tasks:
-            with _connected(ray, address):
-                _collect(ray, _submit(ray, plan, tasks, **settings), output, progress)
-        output.remove_temp_files()  # a killed worker's, whose task was retried
-    except BaseException as error:
-        output.abandon(error)
-        raise
+    with _connected(ray, address):  # before OUT is touched: an unreachable cluster leaves no trace
+        output = Output(out_dir, plan, overwrite=overwrite, resume=resume, checksum=checksum)
+        kept = output.open()
+        try:
+            if started:
+                started(list(output.notes))
+            for layout in plan.shards:
+                if layout.name in kept and progress:
+                    progress(layout.name, sum(spec.nbytes for spec in layout.order))
+            tasks = partition(plan, {layout.name for layout in plan.shards} - kept.keys(), task_bytes)
+            _collect(ray, _submit(ray, plan, tasks, **settings), output, progress)
+            output.remove_temp_files()  # a killed worker's, whose task was retried
+        except BaseException as error:
+            output.abandon(error)
+            raise
     return output.finalize()

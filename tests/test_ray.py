@@ -89,7 +89,14 @@ def _descends_from_us(pid: int) -> bool:
 def start(*args) -> subprocess.Popen:
     """`moeconv convert ARGS` in a process of its own, slowed down (SLOW)."""
     command = [sys.executable, "-m", "moeconv", "convert", *map(str, args)]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **SLOW})
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **SLOW},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal, even when run in the background
+    )
 
 
 def wait_until(condition, timeout: float = 60) -> None:
@@ -220,3 +227,35 @@ def test_a_hub_repo_is_read_from_each_nodes_own_cache(cluster, request, gpt_oss_
     result = convert(REPO, tmp_path / "out", "-p", "gpt-oss-bf16", "--max-shard-size", "40KB", "--ray", cluster.address)
     assert result.exit_code == 0, result.output
     assert_same_folder(expected, tmp_path / "out")
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_to_the_driver_stops_its_tasks_and_leaves_nothing_complete(cluster, sharded_mixtral_dir, tmp_path, sig, code):
+    out = tmp_path / "out"
+    proc = start(sharded_mixtral_dir, out, "-p", "fuse-experts", "--max-shard-size", "20KB", "--ray", cluster.address)
+    wait_for(lambda: task_workers() and temp_files(out), proc, timeout=240)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert [line for line in lines if line.startswith("error:")] == lines[-1:]
+    assert signal.Signals(sig).name in lines[-1]
+    assert leftovers(out) == []  # the tasks were cancelled and removed their temp files
+    assert not task_workers()
+
+
+def test_an_address_nothing_answers_at_is_one_line_at_once(sharded_mixtral_dir, tmp_path):
+    with socket.socket() as unused:  # a port nobody listens on
+        unused.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{unused.getsockname()[1]}"
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "moeconv", "convert", str(sharded_mixtral_dir), str(out), "-p", "fuse-experts", "--ray", address],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: --ray {address}: nothing answers there")
+    assert "Traceback" not in result.stderr and not out.exists()
