@@ -41,7 +41,7 @@ from moeconv.source import Checkpoint
 from moeconv.stream import CHUNK_BYTES
 
 RETRIES = 3  # reruns of a task whose worker or node died (Ray's max_retries); a MoeconvError is never retried
-PROCESS_BYTES = 2**30  # a worker's own memory besides chunks: Python, torch, Ray (about 0.5 GB measured), doubled
+PROCESS_BYTES = 512 * 2**20  # a worker's own memory besides chunks: Python, torch, Ray (0.28 GB measured)
 LOCAL_STORE_BYTES = 256 * 2**20  # --ray local: Ray's object store holds plan slices and manifests, never tensors
 CONNECT_SECONDS = 10.0  # for the cluster's address to answer at all
 WAIT_SECONDS = 1.0  # the driver wakes this often to handle signals
@@ -225,7 +225,7 @@ def _result(ray, ref, task: Task) -> dict[str, dict]:
             raise cause from None
         raise ClusterError(f"the Ray task writing {task.label} failed: {type(cause).__name__}: {_first_line(cause)}") from None
     except ray.exceptions.RayError as error:
-        raise ClusterError(f"the Ray task writing {task.label} failed ({RETRIES} retries): {_first_line(error)}") from None
+        raise ClusterError(f"the Ray task writing {task.label} failed: {_first_line(error)}") from None
 
 
 def _stop(ray, refs: list) -> None:
@@ -242,11 +242,10 @@ def _stop(ray, refs: list) -> None:
         _, refs = ray.wait(refs, num_returns=len(refs), timeout=STOP_SECONDS)
 
 
-def _submit(ray, plan: Plan, tasks: list[Task], **settings) -> dict:
-    """Each task's slice put in the object store once, then the task submitted: {ref: task}."""
+def _submit(ray, plan: Plan, tasks: list[Task], settings: dict) -> Iterator[tuple]:
+    """Each task's slice put in the object store once, then the task submitted: (ref, task) pairs."""
     write = ray.remote(_write)
     variables = {k: v for k, v in os.environ.items() if k.startswith("MOECONV_")}  # the driver's settings hold for every task
-    refs = {}
     for task in tasks:
         work = _slice(plan, task, **settings)
         options = {
@@ -257,8 +256,7 @@ def _submit(ray, plan: Plan, tasks: list[Task], **settings) -> dict:
         }
         if variables:
             options["runtime_env"] = {"env_vars": variables}
-        refs[write.options(**options).remote(ray.put(work))] = task
-    return refs
+        yield write.options(**options).remote(ray.put(work)), task
 
 
 def _wait(ray, refs: list) -> list:
@@ -273,10 +271,13 @@ def _wait(ray, refs: list) -> list:
         raise
 
 
-def _collect(ray, refs: dict, output: Output, progress: Progress | None) -> None:
-    """Journal each shard as its task returns; on any failure or signal, stop the other tasks."""
-    pending = dict(refs)
+def _collect(ray, submissions: Iterator[tuple], output: Output, progress: Progress | None) -> None:
+    """Submit the tasks, then journal each shard as its task returns; on any failure or signal,
+    stop the other tasks."""
+    pending: dict = {}
     try:
+        for ref, task in submissions:
+            pending[ref] = task
         while pending:
             done = _wait(ray, list(pending))
             for ref in done:
@@ -351,7 +352,7 @@ def run(
                 if layout.name in kept and progress:
                     progress(layout.name, sum(spec.nbytes for spec in layout.order))
             tasks = partition(plan, {layout.name for layout in plan.shards} - kept.keys(), task_bytes)
-            _collect(ray, _submit(ray, plan, tasks, **settings), output, progress)
+            _collect(ray, _submit(ray, plan, tasks, settings), output, progress)
             output.remove_temp_files()  # a killed worker's, whose task was retried
         except BaseException as error:
             output.abandon(error)
