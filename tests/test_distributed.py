@@ -22,6 +22,7 @@ from moeconv.execute import execute
 from moeconv.hub import open_source
 from moeconv.plan import build_plan
 from moeconv.recipe import load_preset
+from moeconv.source import Checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,6 +127,36 @@ def test_pickled_slices_write_the_shards_of_a_single_machine_run(preset, fixture
     for layout in plan.shards:
         assert (out / f".{layout.name}.staged").read_bytes() == (tmp_path / "reference" / layout.name).read_bytes()
         assert manifests[layout.name] == {"size": layout.size, "checksum": report["checksums"]["files"][layout.name]}
+
+
+def test_a_fresh_process_writes_a_slice_whose_op_comes_from_a_users_module(tmp_path):
+    """The op's module is imported where the slice is unpickled (a new Ray worker has not)."""
+    import torch
+    import toy_format  # noqa: F401  (registers dequantize-int8-rows here)
+    from safetensors.torch import save_file
+    from test_format_extension import RECIPE
+
+    from moeconv.recipe import parse_recipe
+
+    src = tmp_path / "src"
+    src.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randint(-128, 128, (37, 24), dtype=torch.int8, generator=generator)
+    save_file({"layer.weight": weight, "layer.weight_scale": torch.rand(37, generator=generator)}, src / "model.safetensors")
+    plan = build_plan(Checkpoint.open(src), [parse_recipe(RECIPE, "toy.toml")])
+    execute(plan, tmp_path / "reference")
+    (task,) = distributed.partition(plan)
+    work = distributed._slice(
+        plan, task, token=None, out_dir=str(tmp_path / "out"), checksum="xxh3-128", chunk_bytes=256, threads=1
+    )
+    (tmp_path / "out").mkdir()
+    (tmp_path / "slice.pickle").write_bytes(pickle.dumps(work))
+    code = "import pickle, sys; from moeconv import distributed; distributed._write(pickle.load(open(sys.argv[1], 'rb')))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests")])}
+    child = subprocess.run([sys.executable, "-c", code, str(tmp_path / "slice.pickle")], env=env, capture_output=True, text=True)
+    assert child.returncode == 0, child.stderr
+    written = (tmp_path / "out" / ".model.safetensors.staged").read_bytes()
+    assert written == (tmp_path / "reference" / "model.safetensors").read_bytes()
 
 
 def test_a_slice_holds_only_the_headers_of_the_files_it_reads(gpt_oss_mxfp4_dir):
