@@ -30,7 +30,7 @@ from pathlib import Path
 
 from moeconv.checksum import DEFAULT as DEFAULT_CHECKSUM
 from moeconv.checksum import new_hasher
-from moeconv.display import human_bytes, print_all
+from moeconv.display import human_bytes, print_all, safe
 from moeconv.errors import CheckpointError, ClusterError, MoeconvError, WriteError
 from moeconv.execute import Progress, chunk_memory, pool_for, write_shard
 from moeconv.format import ShardLayout
@@ -90,17 +90,19 @@ def partition(plan: Plan, names: set[str] | None = None, budget: int | None = No
     return sorted(tasks, key=lambda t: -t.nbytes)
 
 
-def render_tasks(tasks: list[Task], console) -> None:
-    """The partition as a table (--dry-run --ray)."""
+def render_tasks(tasks: list[Task], console, *, wide: bool = False) -> None:
+    """The partition as a table (--dry-run --ray): each task's shards, bytes and input files."""
     from rich.table import Table
 
-    table = Table(title=f"ray tasks ({len(tasks)})", title_justify="left")
-    for column in ("task", "shards", "bytes", "input shards"):
-        table.add_column(column)
+    table = Table(title=f"ray tasks: {len(tasks)}, largest first", title_justify="left", box=None, pad_edge=False)
+    table.add_column("task", justify="right")
+    table.add_column("shards")
+    table.add_column("bytes", justify="right")
+    table.add_column("reads")
     for number, task in enumerate(tasks, 1):
         shards = ", ".join(layout.name for layout in task.shards)
-        table.add_row(str(number), shards, human_bytes(task.nbytes), ", ".join(task.inputs))
-    print_all(console, table)
+        table.add_row(str(number), shards, human_bytes(task.nbytes), ", ".join(safe(name) for name in task.inputs))
+    print_all(console, table, wide=wide)
 
 
 # ---- a task -----------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from moeconv import distributed
 from moeconv.cli import app
+from moeconv.display import human_bytes
 from moeconv.execute import execute
 from moeconv.hub import open_source
 from moeconv.plan import build_plan
@@ -81,14 +82,16 @@ def test_dry_run_prints_the_partition_without_ray(gpt_oss_mxfp4_dir, tmp_path, m
     out = tmp_path / "out"
     result = convert(gpt_oss_mxfp4_dir, out, "-p", "gpt-oss-bf16", "--max-shard-size", "40KB", "--dry-run", "--ray", "local")
     assert result.exit_code == 0, result.output
-    assert "ray tasks (7)" in result.stdout
-    assert "model-00003-of-00007.safetensors │ 64.14 KiB │ model-00001-of-00002.safetensors" in result.stdout
+    tasks = distributed.partition(plan_of(gpt_oss_mxfp4_dir, "gpt-oss-bf16", 40_000))
+    assert f"ray tasks: {len(tasks)}, largest first" in result.stdout and len(tasks) >= 3
+    table = result.stdout[result.stdout.index("ray tasks:") :].splitlines()[2:]
+    for number, (task, line) in enumerate(zip(tasks, table), 1):
+        inputs = ", ".join(task.inputs)
+        assert line.split() == [str(number), task.shards[0].name, *human_bytes(task.nbytes).split(), *inputs.split()]
     result = convert(
         gpt_oss_mxfp4_dir, out, "-p", "gpt-oss-bf16", "--max-shard-size", "40KB", "--dry-run", "--ray", "local", "--json"
     )
-    tasks = json.loads(result.stdout)["ray_tasks"]
-    assert len(tasks) == 7 and tasks[0]["bytes"] >= tasks[-1]["bytes"]
-    assert set(tasks[0]) == {"shards", "bytes", "inputs"}
+    assert json.loads(result.stdout)["ray_tasks"] == [task.to_json() for task in tasks]
     assert not out.exists()
 
 
