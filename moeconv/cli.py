@@ -263,6 +263,14 @@ def convert_command(
     ] = Checksum(checksums.DEFAULT),
     quiet: QuietOption = False,
     wide: WideOption = False,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            metavar="ADDRESS",
+            help="Write the shards with Ray tasks on a cluster: ray://host:10001, auto, or local (a Ray instance on this machine). OUT, and a local SRC, must be at the same paths on every node. Needs moeconv[ray].",
+        ),
+    ] = None,
 ) -> None:
     """Convert a checkpoint with ordered rules (presets and recipes) and write a load report.
 
@@ -285,10 +293,18 @@ def convert_command(
     plan = build_plan(source, recipes, dtype=run_dtype, align=align, max_shard_size=shard_bytes, strict=strict)
     refusal = _strict_refusal(plan) if strict else None
     if dry_run or refusal:
+        from moeconv.distributed import partition, render_tasks  # the partition alone: Ray is not started
+
+        tasks = partition(plan) if ray is not None else None
         if json_output:
-            stdout.print_json(data=plan.to_json())
+            data = plan.to_json()
+            if tasks is not None:
+                data["ray_tasks"] = [task.to_json() for task in tasks]
+            stdout.print_json(data=data)
         elif not quiet:
             render_plan(plan, stdout, wide=wide, dry_run=True)
+            if tasks is not None:
+                render_tasks(tasks, stdout, wide=wide)
         if refusal:
             stderr.print(f"error: {refusal} (--strict); nothing was written", highlight=False)
             raise typer.Exit(3)
@@ -307,6 +323,8 @@ def convert_command(
         json_output=json_output,
         quiet=quiet,
         wide=wide,
+        ray=ray,
+        token=token,
     )
 
 
@@ -336,7 +354,7 @@ def _print_warnings(plan) -> None:
         stderr.print(f"[yellow]warning:[/] {safe(warning)}", highlight=False)
 
 
-def _run(plan, out: Path, *, overwrite, resume, low_disk, checksum, json_output, quiet, wide) -> None:
+def _run(plan, out: Path, *, overwrite, resume, low_disk, checksum, json_output, quiet, wide, ray, token) -> None:
     """Write the plan: once OUT is accepted, the plan table, then progress while the data moves, then
     the load report."""
     from moeconv.execute import execute
@@ -356,21 +374,23 @@ def _run(plan, out: Path, *, overwrite, resume, low_disk, checksum, json_output,
             stderr.print(f"resume: {safe(note)}", highlight=False)
         if human:
             stderr.print(f"writing {_shards_summary(plan)} to {safe(str(out))}", highlight=False)
-        fetch_inputs(plan, low_disk=low_disk)  # hub repo ids: download what the plan reads (no-op for local paths)
+        if ray is None:  # with --ray, each task downloads what it reads on its own node
+            fetch_inputs(plan, low_disk=low_disk)  # hub repo ids: download what the plan reads (no-op for local paths)
         shards = {layout.name: sum(spec.nbytes for spec in layout.order) for layout in plan.shards}
         meter.phase("writing", plan.total_bytes, shards, noun="shard")
 
     with Meter(stderr, _progress_mode(quiet)) as meter:
-        report = execute(
-            plan,
-            out,
-            overwrite=overwrite,
-            progress=lambda shard, nbytes: meter.advance(nbytes, shard),
-            started=started,
-            low_disk=low_disk,
-            resume=resume,
-            checksum=checksum,
-        )
+        options = dict(overwrite=overwrite, started=started, low_disk=low_disk, resume=resume, checksum=checksum)
+
+        def progress(shard: str, nbytes: int) -> None:
+            meter.advance(nbytes, shard)
+
+        if ray is None:
+            report = execute(plan, out, progress=progress, **options)
+        else:
+            from moeconv.distributed import run
+
+            report = run(plan, out, address=ray, token=token, progress=progress, **options)
     if json_output:
         stdout.print_json(data=report)
     if human:

@@ -42,3 +42,7 @@ class HubError(MoeconvError):
 
 class VerifyError(MoeconvError):
     """A converted folder does not match its report (or, with --against, its source and recipes)."""
+
+
+class ClusterError(MoeconvError):
+    """--ray: Ray is not installed, the cluster cannot be reached, or a task failed on its node."""

@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from moeconv.checksum import new_hasher
 from moeconv.errors import MoeconvError, WriteError
 from moeconv.format import ShardLayout
 from moeconv.output import Output
-from moeconv.plan import Plan
+from moeconv.plan import Plan, PlannedTensor
 from moeconv.stream import CHUNK_BYTES, chunk_nbytes, chunks, produce
 from moeconv.writer import ShardWriter
 
@@ -64,9 +64,14 @@ class ComputePool:
 
     def __init__(self, threads: int, budget: int, arena_bytes: int):
         self.threads, self.budget = threads, budget
-        self.ring = [arena.Arena(arena_bytes) for _ in range(threads + 4)]
+        self.ring = [arena.Arena(arena_bytes) for _ in range(self.ring_size(threads))]
         self.jobs = 0
         self.pool = ThreadPoolExecutor(threads, "moeconv-compute", initializer=_one_torch_thread) if threads > 1 else None
+
+    @staticmethod
+    def ring_size(threads: int) -> int:
+        """Arenas in the ring of a pool of `threads` (see the class doc)."""
+        return threads + 4
 
     def _produce(self, slot: arena.Arena, tensor, rows):
         slot.reset()
@@ -100,6 +105,21 @@ class ComputePool:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def pool_for(tensors: Iterable[PlannedTensor], threads: int, chunk_bytes: int) -> ComputePool:
+    """The compute pool for writing these tensors: arenas as big as their largest chunk."""
+    largest = min(chunk_bytes, max((t.nbytes for t in tensors), default=0))
+    return ComputePool(threads, AHEAD_CHUNKS * chunk_bytes, ARENA_CHUNKS * largest)
+
+
+def chunk_memory(tensors: Iterable[PlannedTensor], threads: int, chunk_bytes: int) -> int:
+    """The most chunk memory writing these tensors holds: `pool_for`'s arenas, and the tensors
+    computed whole (the plan warns of each; the one being written and the next, at most)."""
+    tensors = list(tensors)
+    largest = min(chunk_bytes, max((t.nbytes for t in tensors), default=0))
+    whole = sum(sorted(t.nbytes for t in tensors if t.node.materializes)[-2:])
+    return ComputePool.ring_size(threads) * ARENA_CHUNKS * largest + whole
 
 
 class _BackgroundWriter:
@@ -254,8 +274,7 @@ def execute(
     threads = _compute_threads()
     output = Output(out_dir, plan, overwrite=overwrite, resume=resume, checksum=checksum)
     kept = output.open()
-    largest = min(chunk_bytes, max((t.nbytes for t in plan.tensors.values()), default=0))
-    compute = ComputePool(threads, AHEAD_CHUNKS * chunk_bytes, ARENA_CHUNKS * largest)
+    compute = pool_for(plan.tensors.values(), threads, chunk_bytes)
     try:
         if started:
             started(list(output.notes))

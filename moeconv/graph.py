@@ -11,6 +11,7 @@ Nothing here names an op.
 
 from __future__ import annotations
 
+import importlib
 import math
 import threading
 from typing import TYPE_CHECKING
@@ -157,6 +158,22 @@ class OpNode(Node):
             self._cache = None
         for node in self.inputs:
             node.release()
+
+    def __getstate__(self) -> dict:
+        """Pickled without its lock, cache and row map (closures): a plan slice sent to another
+        process (moeconv.distributed) holds op names and parameters, and the row map is rebuilt there."""
+        state = {k: v for k, v in self.__dict__.items() if k not in ("map", "_cache", "_lock")}
+        state["module"] = ops.get_op(self.op).fn.__module__  # imported there if it registers an op of its own
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        module = state.pop("module")
+        if state["op"] not in ops.OPS:
+            importlib.import_module(module)
+        self.__dict__.update(state)
+        specs = [(node.dtype, node.shape) for node in self.inputs]
+        self.map = ops.get_op(self.op).rows(self.params, specs, self.index) if self.shape else None
+        self._cache, self._lock = None, threading.Lock()
 
 
 def infer_outputs(op: str, params: dict, inputs: list[Node]) -> list[ops.Spec]:

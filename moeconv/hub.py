@@ -19,6 +19,7 @@ Pickled weights are never downloaded or read.
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from moeconv.errors import CheckpointError, HubError, InternalError
@@ -67,12 +68,37 @@ def fetch_inputs(plan, *, low_disk: bool = False) -> None:
     source = plan.source
     if source.fetch is None:
         return
-    for name in plan.companion_files:
-        source.fetch(source.root / name)
+    fetch_companions(plan)
     if not low_disk:
         needed = {source.tensors[key].file for tensor in plan.tensors.values() for key in tensor.sources}
         for file in sorted(needed):
             source.fetch(file)
+
+
+def fetch_companions(plan) -> None:
+    """Download the small files a run copies next to the shards (no-op for local paths)."""
+    source = plan.source
+    if source.fetch is not None:
+        for name in plan.companion_files:
+            source.fetch(source.root / name)
+
+
+def on_this_machine(checkpoint: Checkpoint, token: str | None = None) -> None:
+    """Point a hub checkpoint planned on another machine (a Ray task's) at this machine's
+    huggingface_hub cache (its HF_HOME, HF_HUB_OFFLINE and token, or `token`), with fetch and evict
+    hooks of its own: each shard is downloaded there when first read, and checked against the
+    header it was planned with."""
+    repo_folder, commit = checkpoint.root.parent.parent.name, checkpoint.root.name
+    if checkpoint.root.parent.name != "snapshots" or not repo_folder.startswith("models--"):
+        raise InternalError(f"{checkpoint.root}: not a huggingface_hub cache snapshot; cannot find it on this machine")
+    repo_id = repo_folder.removeprefix("models--").replace("--", "/")  # repo ids never hold "--"
+    root = _snapshot_dir(repo_id, commit)
+    checkpoint.tensors = {key: replace(info, file=root / info.file.name) for key, info in checkpoint.tensors.items()}
+    checkpoint.files = [root / file.name for file in checkpoint.files]
+    checkpoint.root = root
+    hooks, holder = _hooks(repo_id, commit, token)
+    checkpoint.fetch, checkpoint.evict = hooks["fetch"], hooks["evict"]
+    holder.append(checkpoint)
 
 
 # ---- errors ----------------------------------------------------------------------------------------

@@ -210,15 +210,20 @@ class Output:
         hasher.update(data)
         return hasher.hexdigest()
 
+    def remove_temp_files(self) -> None:
+        """Delete the temp files of this run's writes that never completed (a writer interrupted
+        before it could, or a process killed while writing: a Ray worker whose task was retried)."""
+        ours = [staged_name(layout.name) for layout in self.plan.shards] + [JOURNAL_NAME, INDEX_NAME, "config.json", REPORT_NAME]
+        for name in ours + list(self.plan.companion_files):
+            for temp in self.dir.glob(f".{glob.escape(name)}.*.tmp"):
+                temp.unlink(missing_ok=True)
+
     def abandon(self, error: BaseException) -> None:
         """After a failure: with no finished shard there is nothing to resume, so the journal goes
         too; otherwise say how to continue. The unfinished shard's temp file is gone already, except
         when Ctrl-C lands as a temp file is created, before any code owns it: any temp file of this
         run is removed here."""
-        ours = [staged_name(layout.name) for layout in self.plan.shards] + [JOURNAL_NAME, INDEX_NAME, "config.json", REPORT_NAME]
-        for name in ours + list(self.plan.companion_files):
-            for temp in self.dir.glob(f".{glob.escape(name)}.*.tmp"):
-                temp.unlink(missing_ok=True)
+        self.remove_temp_files()
         if not self.finished:
             (self.dir / JOURNAL_NAME).unlink(missing_ok=True)
         self._unlock()
