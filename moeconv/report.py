@@ -296,7 +296,13 @@ class ReportProcess:
 
 
 def _answer(answers, planned: Planned, config: dict | None) -> None:
-    """The child's side of ReportProcess."""
+    """The child's side of ReportProcess. A forked child inherits the CLI's signal handlers: it
+    takes the default ones, so the parent ending it (terminate: SIGTERM) or a Ctrl-C sent to the
+    whole process group ends it quietly instead of raising in the middle of its work."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and ends the child
     try:
         answers.send(("ok", check_load(planned, config)))
     except BaseException as error:  # the parent raises it where the report is read
