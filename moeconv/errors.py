@@ -24,6 +24,10 @@ class OpError(MoeconvError):
     """An op was given inputs or parameters it cannot work with (the plan adds rule and key)."""
 
 
+class FormatError(MoeconvError):
+    """A checkpoint's quantization_config declares a scheme the format's module does not support."""
+
+
 class PlanError(MoeconvError):
     """The conversion cannot be planned: a group misses a member, two rules write one key, ..."""
 

@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moeconv import __version__, companions, dtypes, ops
+from moeconv import __version__, companions, dtypes, formats, ops
 from moeconv.errors import MoeconvError, PlanError
 from moeconv.format import ShardLayout, TensorSpec, plan_shards
 from moeconv.graph import Node, OpNode, SourceNode, infer_outputs
@@ -170,7 +170,13 @@ class _Planner:
 
     def apply_recipe(self, recipe: Recipe, strict: bool) -> None:
         """Apply the rules in order. A rule that matches nothing is named (a warning, an error with
-        --strict) unless it is optional or its model_types exclude this checkpoint: those are silent."""
+        --strict) unless it is optional or its model_types exclude this checkpoint: those are silent.
+        A recipe that reads a format first checks that config.json declares a scheme it supports."""
+        if recipe.format is not None:
+            try:
+                formats.check_source(recipe.format, self.config)
+            except MoeconvError as error:
+                raise PlanError(f"{recipe.origin}: {error}") from None
         for rule in recipe.rules:
             self.apply_rule(rule, strict)
 

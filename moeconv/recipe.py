@@ -1,6 +1,7 @@
 """Recipes: ordered, regex-matched rules read from TOML (built-in presets or user files).
 
-A recipe file is a `description` and a list of `[[rule]]` tables:
+A recipe file is a `description`, optionally the `consumer` its rules reproduce and the `format`
+(quant_method) it reads, and a list of `[[rule]]` tables:
 
     [[rule]]
     name = "fuse gate + up"                       # optional, defaults to "rule N"
@@ -52,7 +53,7 @@ RULE_KEYS = {
 _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.log_errors = False  # the refusal is our one-line error, not a log line on stderr
 CONFIG_PREFIX = "$config."  # an op parameter's value taken from config.json, e.g. "$config.quantization_config.weight_block_size"
-RECIPE_KEYS = {"description", "consumer", "rule"}
+RECIPE_KEYS = {"description", "consumer", "format", "rule"}
 CONSUMERS = ("transformers",)  # a recipe that declares one reproduces that loader's own conversions
 
 
@@ -118,6 +119,7 @@ class Recipe:
     rules: tuple[Rule, ...] = field(default_factory=tuple)
     text: str = ""  # the TOML it was parsed from: the report keeps it so `moeconv verify` can re-plan
     consumer: str | None = None  # "transformers": its rules reproduce transformers' own conversions
+    format: str | None = None  # quant_method of the format it reads: the source's config.json must declare it
 
 
 def _fail(where: str, message: str) -> RecipeError:
@@ -370,15 +372,19 @@ def parse_recipe(text: str, origin: str) -> Recipe:
         raise RecipeError(f"{origin}: TOML nested too deeply to be a recipe") from None
     unknown = set(data) - RECIPE_KEYS
     if unknown:
-        raise RecipeError(f"{origin}: unknown top-level field '{sorted(unknown)[0]}'; use 'description' and [[rule]] tables")
+        raise RecipeError(f"{origin}: unknown top-level field '{sorted(unknown)[0]}'; use {', '.join(sorted(RECIPE_KEYS))}")
     rules = data.get("rule", [])
     if not isinstance(rules, list) or not rules:
         raise RecipeError(f"{origin}: no [[rule]] tables")
     consumer = data.get("consumer")
     if consumer is not None and consumer not in CONSUMERS:
         raise RecipeError(f"{origin}: consumer = {consumer!r} is not one moeconv knows; known: {', '.join(CONSUMERS)}")
+    fmt = data.get("format")
+    if fmt is not None and fmt not in moeconv.formats.FORMATS:
+        known = ", ".join(sorted(moeconv.formats.FORMATS))
+        raise RecipeError(f"{origin}: format = {fmt!r} is not one moeconv reads; known: {known}")
     parsed = tuple(dataclasses.replace(_parse_rule(origin, i, r), consumer=consumer) for i, r in enumerate(rules))
-    return Recipe(origin, data.get("description", ""), parsed, text, consumer)
+    return Recipe(origin, data.get("description", ""), parsed, text, consumer, fmt)
 
 
 def load_recipe(path: str | Path) -> Recipe:

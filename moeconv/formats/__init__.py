@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from moeconv.errors import FormatError
+
 
 @dataclass(frozen=True)
 class Format:
@@ -24,6 +26,9 @@ class Format:
     consumer_layout: Callable[[Any, dict], None] | None = None
     # The quantization_config a checkpoint quantized into this format gets (when its source had none)
     quantization_config: dict | None = None
+    # Raises FormatError naming what this module does not support in a source's quantization_config
+    # of this format (a recipe with `format = "<quant_method>"` calls it before its rules run)
+    check_config: Callable[[dict], None] | None = None
 
     def holds(self, key: str, dtype: str) -> bool:
         """Does an output tensor of this key and dtype still carry this format?"""
@@ -36,6 +41,18 @@ FORMATS: dict[str, Format] = {}
 def register_format(fmt: Format) -> Format:
     FORMATS[fmt.quant_method] = fmt
     return fmt
+
+
+def check_source(quant_method: str, config: dict) -> None:
+    """Raise FormatError unless config.json declares this format in a form its module supports."""
+    quantization = config.get("quantization_config")
+    declared = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    if declared != quant_method:
+        has = f"quant_method {declared!r}" if declared else "no quantization_config"
+        raise FormatError(f"config.json has {has}, not a {quant_method} checkpoint")
+    check = FORMATS[quant_method].check_config
+    if check is not None:
+        check(quantization)
 
 
 def output_quantization(config: dict, tensors: list[tuple[str, str]]) -> dict | None:
