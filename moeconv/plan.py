@@ -215,8 +215,15 @@ class _Planner:
         return True
 
     def _match(self, rule: Rule) -> dict[str, dict[tuple, str]]:
-        """input name -> (named group values -> key), keys taken from the current namespace."""
+        """input name -> (named group values -> key), keys taken from the current namespace. A drop
+        rule pairs nothing: every key any input matches goes, whatever its groups."""
         found: dict[str, dict[tuple, str]] = {name: {} for name in rule.inputs}
+        if rule.drop:
+            for key in self.namespace:
+                name = next((n for n, pattern in rule.inputs.items() if pattern.fullmatch(key)), None)
+                if name is not None:
+                    found[name][(("", key),)] = key
+            return found if any(found.values()) else {}
         for key in self.namespace:
             for name, pattern in rule.inputs.items():
                 match = pattern.fullmatch(key)

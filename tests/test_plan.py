@@ -312,3 +312,12 @@ def test_output_files_are_readable_by_others(tmp_path):
     os.umask(umask)
     for path in (tmp_path / "out").iterdir():
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path.name
+
+
+def test_a_drop_rule_removes_every_key_it_matches_even_without_named_groups(tmp_path):
+    """Dropping pairs nothing: several keys that a pattern without named groups matches all go."""
+    make_mixtral_like(tmp_path / "src")
+    recipe = parse_recipe("[[rule]]\nmatch = 'model\\.layers\\.1\\..+'\ndrop = true\n", "drop.toml")
+    plan = plan_for(tmp_path / "src", recipe, strict=True)
+    assert plan.tensors and not any(key.startswith("model.layers.1.") for key in plan.tensors)
+    assert any(key.startswith("model.layers.0.") for key in plan.tensors)
