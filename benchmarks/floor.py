@@ -80,7 +80,7 @@ def write_all(out: Path, nbytes: int, request: int, shard: int) -> list[Path]:
 def bf16_output_bytes(src: Path) -> int:
     """Tensor bytes of SRC with every MXFP4 expert tensor dequantized to bf16, as gpt-oss-bf16 writes:
     each `*_blocks` U8 byte (two FP4 values) becomes 4 bytes, each `*_scales` tensor goes, the rest
-    is kept as it is. Headers are not counted (a few hundred KB at most)."""
+    is kept as it is; FP8 weights (F8_E4M3) become 2 bytes an element and their `*_scale_inv` go. Headers are not counted (a few hundred KB at most)."""
     total = 0
     for path in sorted(src.glob("*.safetensors")):
         with open(path, "rb") as f:
@@ -92,7 +92,9 @@ def bf16_output_bytes(src: Path) -> int:
             n = entry["data_offsets"][1] - entry["data_offsets"][0]
             if key.endswith("_blocks") and entry["dtype"] == "U8":
                 total += 4 * n
-            elif not (key.endswith("_scales") and entry["dtype"] == "U8"):
+            elif entry["dtype"] == "F8_E4M3":  # an FP8 block weight, as fp8-bf16 writes it
+                total += 2 * n
+            elif not (key.endswith("_scales") and entry["dtype"] == "U8" or key.endswith("_scale_inv")):
                 total += n
     return total
 

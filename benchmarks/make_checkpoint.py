@@ -4,6 +4,7 @@
     python benchmarks/make_checkpoint.py gpt-oss-20b  OUT [--layers 2] [--vocab 201088]
     python benchmarks/make_checkpoint.py gpt-oss-120b OUT [--layers 1] [--vocab 8192]
     python benchmarks/make_checkpoint.py mixtral-8x7b OUT [--layers 1] [--vocab 32000]
+    python benchmarks/make_checkpoint.py deepseek-v3  OUT [--layers 1] [--vocab 129280]
 
 Self-contained: numpy and the standard library only (no moeconv, no torch), so it keeps working
 whatever moeconv's internals become.
@@ -20,7 +21,10 @@ plus attention (q/k/v/o weights and biases, sinks), router, norms, embed_tokens 
 Blocks are random bytes (every FP4 code occurs); scales are random E8M0 exponents in 115..127, so
 every value is at most 6 in magnitude and finite in fp16 as well as bf16; weights are random bf16
 (std 0.02), norms around 1. Mixtral-8x7B: the per-expert layout transformers saves
-(block_sparse_moe.experts.N.w1/w2/w3), H=4096, I=14336, E=8, everything bf16.
+(block_sparse_moe.experts.N.w1/w2/w3), H=4096, I=14336, E=8, everything bf16. DeepSeek-V3: the
+hub's FP8 layout (every Linear float8_e4m3fn + an fp32 `weight_scale_inv` per 128x128 block, random
+E4M3 bytes but NaN, scales in 1e-5..1e-3), H=7168, expert I=2048, 256 routed + 1 shared expert, MLA
+attention, every layer a MoE layer.
 
 Files as the hub has them: shards of at most 5 GB of tensor bytes (--max-shard-gb), cut in key order
 as transformers cuts them, model-0000i-of-0000n.safetensors plus model.safetensors.index.json (one
@@ -32,7 +36,7 @@ speed), fsynced. config.json is written last: its presence marks a complete chec
 
 Sizes: one gpt-oss-20b-width layer is ~0.48 GB of MXFP4 input and ~1.6 GB of bf16 output; a
 120b-width layer ~1.7 GB -> ~6.4 GB; the real vocabulary adds 2 x 1.16 GB (embed_tokens, lm_head);
-a Mixtral layer 2.8 GB.
+a Mixtral layer 2.8 GB; a DeepSeek-V3 layer ~11.5 GB of FP8 -> ~23 GB of bf16, its vocabulary 2 x 1.85 GB.
 """
 
 from __future__ import annotations
@@ -54,12 +58,28 @@ GPT_OSS = {  # as in openai/gpt-oss-20b and -120b config.json (vocab and layers 
     ),
 }
 MIXTRAL = dict(layers=32, experts=8, hidden=4096, intermediate=14336, vocab=32000, heads=32, kv_heads=8, top_k=2)
+DEEPSEEK_V3 = dict(  # as in deepseek-ai/DeepSeek-V3 config.json (layers and vocab overridable)
+    layers=61,
+    experts=256,
+    hidden=7168,
+    intermediate=18432,
+    moe_intermediate=2048,
+    vocab=129280,
+    heads=128,
+    q_lora=1536,
+    kv_lora=512,
+    rope=64,
+    nope=128,
+    v_head=128,
+    top_k=8,
+)
+FP8_BLOCK = (128, 128)
 MXFP4_BLOCK = 32  # elements per E8M0 scale
 SCALES = (115, 127)  # E8M0 exponents drawn from this closed range
 CHUNK = 64 * 2**20
 POOL = 80 * 2**20
 ALIGN = 16  # the data section starts at a multiple of this
-ITEMSIZE = {"BF16": 2, "U8": 1}
+ITEMSIZE = {"BF16": 2, "U8": 1, "F8_E4M3": 1, "F32": 4}
 
 MXFP4_QUANTIZATION_CONFIG = {  # as in the hub's config.json
     "modules_to_not_convert": [
@@ -218,6 +238,87 @@ def mixtral_config(*, layers, experts, hidden, intermediate, vocab, heads, kv_he
     }
 
 
+def _fp8_linear(layout: dict, key: str, rows: int, cols: int) -> None:
+    """An FP8 block Linear as DeepSeek ships it: the weight and its fp32 scale grid."""
+    layout[key + ".weight"] = ("F8_E4M3", (rows, cols))
+    layout[key + ".weight_scale_inv"] = ("F32", (-(-rows // FP8_BLOCK[0]), -(-cols // FP8_BLOCK[1])))
+
+
+def deepseek_v3_layout(
+    *, layers, experts, hidden, moe_intermediate, vocab, heads, q_lora, kv_lora, rope, nope, v_head, **_
+) -> dict:
+    """Every layer a MoE layer (first_k_dense_replace = 0): MLA attention, 256 routed experts and
+    one shared expert, every Linear FP8 in 128x128 blocks; embeddings, head, norms, router bf16."""
+    h, i = hidden, moe_intermediate
+    layout = {"model.embed_tokens.weight": ("BF16", (vocab, h))}
+    for layer in range(layers):
+        p = f"model.layers.{layer}."
+        layout[p + "input_layernorm.weight"] = ("BF16", (h,))
+        _fp8_linear(layout, p + "self_attn.q_a_proj", q_lora, h)
+        layout[p + "self_attn.q_a_layernorm.weight"] = ("BF16", (q_lora,))
+        _fp8_linear(layout, p + "self_attn.q_b_proj", heads * (nope + rope), q_lora)
+        _fp8_linear(layout, p + "self_attn.kv_a_proj_with_mqa", kv_lora + rope, h)  # [576, 7168]: a [5, 56] grid
+        layout[p + "self_attn.kv_a_layernorm.weight"] = ("BF16", (kv_lora,))
+        _fp8_linear(layout, p + "self_attn.kv_b_proj", heads * (nope + v_head), kv_lora)
+        _fp8_linear(layout, p + "self_attn.o_proj", h, heads * v_head)
+        layout[p + "post_attention_layernorm.weight"] = ("BF16", (h,))
+        layout[p + "mlp.gate.weight"] = ("BF16", (experts, h))
+        layout[p + "mlp.gate.e_score_correction_bias"] = ("F32", (experts,))
+        for m in [*range(experts), "shared"]:
+            x = p + ("mlp.shared_experts." if m == "shared" else f"mlp.experts.{m}.")
+            _fp8_linear(layout, x + "gate_proj", i, h)
+            _fp8_linear(layout, x + "up_proj", i, h)
+            _fp8_linear(layout, x + "down_proj", h, i)
+    layout["model.norm.weight"] = ("BF16", (h,))
+    layout["lm_head.weight"] = ("BF16", (vocab, h))
+    return dict(sorted(layout.items(), key=lambda kv: _natural_key(kv[0])))
+
+
+def deepseek_v3_config(
+    *, layers, experts, hidden, intermediate, moe_intermediate, vocab, heads, q_lora, kv_lora, rope, nope, v_head, top_k
+) -> dict:
+    """config.json as deepseek-ai/DeepSeek-V3 has it, every layer MoE (layers and vocabulary as asked)."""
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "attention_bias": False,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "first_k_dense_replace": 0,
+        "hidden_act": "silu",
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "kv_lora_rank": kv_lora,
+        "max_position_embeddings": 163840,
+        "model_type": "deepseek_v3",
+        "moe_intermediate_size": moe_intermediate,
+        "n_group": 8,
+        "n_routed_experts": experts,
+        "n_shared_experts": 1,
+        "norm_topk_prob": True,
+        "num_attention_heads": heads,
+        "num_experts_per_tok": top_k,
+        "num_hidden_layers": layers,
+        "num_key_value_heads": heads,
+        "q_lora_rank": q_lora,
+        "qk_nope_head_dim": nope,
+        "qk_rope_head_dim": rope,
+        "quantization_config": {
+            "activation_scheme": "dynamic",
+            "fmt": "e4m3",
+            "quant_method": "fp8",
+            "weight_block_size": list(FP8_BLOCK),
+        },
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 10000,
+        "routed_scaling_factor": 2.5,
+        "tie_word_embeddings": False,
+        "topk_group": 4,
+        "torch_dtype": "bfloat16",
+        "v_head_dim": v_head,
+        "vocab_size": vocab,
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # Bytes
 # ---------------------------------------------------------------------------------------------
@@ -237,16 +338,25 @@ class Pool:
         self.scales = rng.integers(SCALES[0], SCALES[1] + 1, POOL, dtype=np.uint8)
         self.weights = _bf16(rng.standard_normal(POOL // 2, dtype=np.float32) * 0.02)
         self.norms = _bf16(1 + rng.standard_normal(POOL // 2, dtype=np.float32) * 0.02)
+        fp8 = rng.integers(0, 256, POOL, dtype=np.uint8)
+        self.fp8 = np.where((fp8 & 0x7F) == 0x7F, fp8 ^ 0x01, fp8).astype(np.uint8)  # every E4M3 byte but NaN
+        self.fp8_scales = (rng.uniform(1e-5, 1e-3, POOL // 4).astype(np.float32)).view(np.uint8)
         self.turn = 0
 
     def chunk(self, kind: str, nbytes: int) -> memoryview:
         pool = getattr(self, kind)
         self.turn = (self.turn * 7919 + 104729) % (POOL - CHUNK)
-        start = self.turn & ~1  # keep bf16 elements whole
+        start = self.turn & ~3  # keep bf16 and fp32 elements whole
         return memoryview(pool[start : start + nbytes])
 
 
-def _kind(key: str) -> str:
+def _kind(key: str, dtype: str) -> str:
+    if dtype == "F8_E4M3":
+        return "fp8"
+    if key.endswith("_scale_inv"):
+        return "fp8_scales"
+    if dtype == "F32":  # DeepSeek's e_score_correction_bias: any small fp32 values do
+        return "fp8_scales"
     if key.endswith("_scales"):
         return "scales"
     if key.endswith("_blocks"):
@@ -303,7 +413,7 @@ def write_shard(path: Path, layout: dict, keys: list[str], pool: Pool) -> int:
             left = _nbytes(*layout[key])
             while left:
                 n = min(left, CHUNK)
-                f.write(pool.chunk(_kind(key), n))
+                f.write(pool.chunk(_kind(key, layout[key][0]), n))
                 left -= n
         os.fsync(f.fileno())
     return position
@@ -332,7 +442,7 @@ def write_json(path: Path, obj) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", choices=[*GPT_OSS, "mixtral-8x7b"])
+    parser.add_argument("model", choices=[*GPT_OSS, "mixtral-8x7b", "deepseek-v3"])
     parser.add_argument("out", type=Path)
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--vocab", type=int, default=None, help="default: the real model's")
@@ -346,7 +456,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if any(args.out.iterdir()):
         parser.error(f"{args.out} is not empty")
-    if args.model == "mixtral-8x7b":
+    if args.model == "deepseek-v3":
+        dims = {**DEEPSEEK_V3, "layers": args.layers, "vocab": args.vocab or DEEPSEEK_V3["vocab"]}
+        layout, config, generation = deepseek_v3_layout(**dims), deepseek_v3_config(**dims), None
+    elif args.model == "mixtral-8x7b":
         dims = {**MIXTRAL, "layers": args.layers, "vocab": args.vocab or MIXTRAL["vocab"]}
         layout, config, generation = mixtral_layout(**dims), mixtral_config(**dims), None
     else:

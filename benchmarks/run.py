@@ -11,6 +11,10 @@ Cases (synthetic checkpoints from make_checkpoint.py, converted with `--preset g
     gpt-oss-2  the same with 2 layers (3.3 GB in, 5.6 GB out).
     memory     peak RSS of one gpt-oss-120b-width layer and of 1, 2, 4 gpt-oss-20b-width layers
                (vocabulary 8192). Target: <= 1.0 GB, flat with layers.
+    deepseek-v3  one DeepSeek-V3-width FP8 layer (256 experts of [2048, 7168] + a shared expert, MLA;
+               vocabulary 8192; 11.8 GB in, 23 GB out) with `--preset fp8-bf16`, against the floor and
+               DeepSeek's own fp8_cast_bf16.py flow on a CPU (benchmarks/fp8_cast_per_shard.py,
+               followed by `sync`: it does not fsync). Target: peak RSS <= 1.0 GB.
 
 Each contender is its own subprocess, started after `sync; echo 3 > /proc/sys/vm/drop_caches` (as
 root; every run starts cold, Python imports included) with its current directory outside any
@@ -49,7 +53,8 @@ REPO = HERE.parent
 PY = sys.executable
 PRESET = "gpt-oss-bf16"
 HEADER_SLACK = 16 * 2**20  # output headers and alignment: bytes a conversion may write beyond the tensors
-CASES = ["gpt-oss-8", "gpt-oss-2", "memory"]
+CASES = ["gpt-oss-8", "gpt-oss-2", "memory", "deepseek-v3"]
+SCRIPT = "fp8_cast_bf16.py (CPU)"  # the alternative in the deepseek-v3 case
 MEMORY = [("gpt-oss-120b", 1), ("gpt-oss-20b", 1), ("gpt-oss-20b", 2), ("gpt-oss-20b", 4)]
 MEMORY_VOCAB = 8192
 TARGET_X_FLOOR = 1.1
@@ -117,10 +122,18 @@ def check_tree(name: str, tree: Path) -> dict:
     return {"dir": str(tree), "imports": str(imported), "commit": commit, "moeconv_dirty": dirty}
 
 
-def convert(tree: Path, src: Path, out: Path, label: str) -> dict:
+def convert(tree: Path, src: Path, out: Path, label: str, preset: str = PRESET) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [PY, "-m", "moeconv", "convert", str(src), str(out), "--preset", PRESET, "--overwrite"]
+    cmd = [PY, "-m", "moeconv", "convert", str(src), str(out), "--preset", preset, "--overwrite"]
     result = run(cmd, label, tree_env(tree))
+    result["out_bytes"] = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def per_shard_script(src: Path, out: Path) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    result = run(["sh", "-c", f'"{PY}" "{HERE / "fp8_cast_per_shard.py"}" "{src}" "{out}" && sync'], SCRIPT)
     result["out_bytes"] = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     shutil.rmtree(out, ignore_errors=True)
     return result
@@ -166,12 +179,12 @@ def med(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
-def compare(trees: dict[str, Path], src: Path, data: Path, rounds: int) -> dict:
-    """Interleaved rounds of every tree's conversion and the floor; medians and ratios."""
+def compare(trees: dict[str, Path], src: Path, data: Path, rounds: int, preset: str = PRESET, script: bool = False) -> dict:
+    """Interleaved rounds of every tree's conversion, the floor (and the per-shard script); medians and ratios."""
     out = data / "out"
     nbytes = bf16_output_bytes(src)
     need_disk(data, nbytes, f"converting {src.name}")
-    contenders = [*trees, "floor"]
+    contenders = [*trees, "floor", *([SCRIPT] if script else [])]
     runs: dict[str, list[dict]] = {name: [] for name in contenders}
     for round_ in range(rounds):
         order = contenders[round_ % len(contenders) :] + contenders[: round_ % len(contenders)]
@@ -180,10 +193,12 @@ def compare(trees: dict[str, Path], src: Path, data: Path, rounds: int) -> dict:
             if name == "floor":
                 runs[name].append(floor(src, out, nbytes))
             else:
-                result = convert(trees[name], src, out, f"moeconv ({name})")
+                result = (
+                    per_shard_script(src, out) if name == SCRIPT else convert(trees[name], src, out, f"moeconv ({name})", preset)
+                )
                 result["size_ok"] = 0 <= result["out_bytes"] - nbytes <= HEADER_SLACK
                 if not result["size_ok"]:
-                    print(f"  ! moeconv ({name}) wrote {result['out_bytes']} bytes, the floor {nbytes}", flush=True)
+                    print(f"  ! {name} wrote {result['out_bytes']} bytes, the floor {nbytes}", flush=True)
                 runs[name].append(result)
     summary = {}
     for name in contenders:
@@ -194,7 +209,7 @@ def compare(trees: dict[str, Path], src: Path, data: Path, rounds: int) -> dict:
             "cpu": med(runs[name], "cpu"),
             "rss_gb": max(r["rss_gb"] for r in runs[name]),
         }
-    for name in trees:
+    for name in [c for c in contenders if c != "floor"]:
         summary[name]["x_floor"] = summary[name]["wall"] / summary["floor"]["wall"]
         summary[name]["x_floor_per_round"] = statistics.median(a["wall"] / f["wall"] for a, f in zip(runs[name], runs["floor"]))
         summary[name]["size_ok"] = all(r["size_ok"] for r in runs[name])
@@ -251,8 +266,9 @@ def table_compare(case: str, fig: dict) -> str:
             lines.append(f"| floor | {wall} | 1 | 1 | {s['cpu']:.1f} | {s['rss_gb']:.2f} | {fig['output_bytes']} B | {load} |")
         else:
             size = "= floor" if s["size_ok"] else "DIFFERS"
+            label = name if name == SCRIPT else f"moeconv ({name})"
             lines.append(
-                f"| moeconv ({name}) | {wall} | {s['x_floor']:.2f} | {s['x_floor_per_round']:.2f} | {s['cpu']:.1f} | {s['rss_gb']:.2f} | {size} | {load} |"
+                f"| {label} | {wall} | {s['x_floor']:.2f} | {s['x_floor_per_round']:.2f} | {s['cpu']:.1f} | {s['rss_gb']:.2f} | {size} | {load} |"
             )
     lines.append("load: the median 1-minute load average just before each run (this machine has 2 cores)")
     if case == "gpt-oss-8":
@@ -263,6 +279,11 @@ def table_compare(case: str, fig: dict) -> str:
                     f"target for {name}: <= {TARGET_X_FLOOR}x floor and <= {TARGET_RSS_GB} GB: {'met' if ok else 'NOT met'} "
                     f"({s['x_floor']:.2f}x, {s['rss_gb']:.2f} GB)"
                 )
+    if case == "deepseek-v3":
+        for name, s in m.items():
+            if name not in ("floor", SCRIPT):
+                ok = s["rss_gb"] <= TARGET_RSS_GB
+                lines.append(f"target for {name}: <= {TARGET_RSS_GB} GB: {'met' if ok else 'NOT met'} ({s['rss_gb']:.2f} GB)")
     floors = [r["floor"] for r in fig["runs"]["floor"]]
     lines.append(
         "floor per run (read GB/s, write GB/s): " + ", ".join(f"{f['read_gb_s']:.2f}/{f['write_gb_s']:.2f}" for f in floors)
@@ -342,11 +363,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {case}", flush=True)
         if case == "memory":
             fig = memory(trees, args.data, args.memory_rounds, args.keep_memory_data)
-            tables.append(table_memory(fig))
+        elif case == "deepseek-v3":
+            src = make(args.data, "deepseek-v3", 1, MEMORY_VOCAB)
+            fig = compare(trees, src, args.data, args.rounds, preset="fp8-bf16", script=True)
         else:
             src = make(args.data, "gpt-oss-20b", int(case.rsplit("-", 1)[1]))
             fig = compare(trees, src, args.data, args.rounds)
-            tables.append(table_compare(case, fig))
+        tables.append(table_memory(fig) if case == "memory" else table_compare(case, fig))
         figures["cases"][case] = fig
         print("\n" + tables[-1] + "\n", flush=True)
         if args.json:  # after every case, so a late failure keeps the earlier figures

@@ -4,6 +4,7 @@ applies, and against the format's formula on edge blocks, which transformers ref
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -264,3 +265,23 @@ def test_the_fixture_quantizes_what_the_releases_quantize(deepseek_aligned):
     assert fp8_keys == {k for k, t in source.items() if quantizes(k, t)}
     assert "model.layers.0.self_attn.kv_a_proj_with_mqa.weight" in fp8_keys and "model.layers.0.mlp.gate_proj.weight" in fp8_keys
     assert "lm_head.weight" not in fp8_keys and "model.layers.1.mlp.gate.weight" not in fp8_keys
+
+
+def test_the_example_recipe_drops_the_mtp_layer_and_dequantizes_the_rest(tmp_path):
+    """examples/recipes/deepseek-v3-bf16-without-mtp.toml on a DeepSeek-V3 with an MTP layer 61."""
+    from fp8_checkpoints import make_deepseek_v3_model, write_fp8
+
+    mtp, scale = quantize_fp8_block(torch.randn(40, 80), (32, 32), "F32")
+    extra = {
+        "model.layers.61.eh_proj.weight": mtp,
+        "model.layers.61.eh_proj.weight_scale_inv": scale,
+        "model.layers.61.enorm.weight": torch.ones(40),
+    }
+    src = write_fp8(make_deepseek_v3_model(aligned=False), tmp_path / "src", block=(32, 32), shard=extra)
+    recipe = Path(__file__).parent.parent / "examples" / "recipes" / "deepseek-v3-bf16-without-mtp.toml"
+    result = convert(src, tmp_path / "out", "--recipe", recipe, "--strict")
+    assert result.exit_code == 0, result.output
+    assert convert(src, tmp_path / "preset", "--preset", "fp8-bf16").exit_code == 0
+    ours, preset = load_file(tmp_path / "out" / "model.safetensors"), load_file(tmp_path / "preset" / "model.safetensors")
+    assert set(ours) == {k for k in preset if not k.startswith("model.layers.61.")} and len(ours) < len(preset)
+    assert all(same_bits(ours[k], preset[k]) for k in ours)
