@@ -167,7 +167,7 @@ def test_a_dry_run_reports_nothing_missing_or_unexpected(deepseek_aligned, tmp_p
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["missing"] == [] and report["unexpected"] == [] and report["mismatched"] == []
-    assert report["layouts"] == {} if "layouts" in report else True
+    assert report["ok"] and not report["conversion_errors"] and report["layouts"] == {}
     assert not (tmp_path / "out").exists()
 
 
