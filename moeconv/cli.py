@@ -472,6 +472,7 @@ def presets_show(name: Annotated[str, typer.Argument(help="Preset name.")]) -> N
 @command("ops")
 def ops_command() -> None:
     """List the ops recipes can use: parameters, inverse, what each does."""
+    import moeconv.formats  # noqa: F401  (the formats register their ops)
     from moeconv.ops import OPS
 
     for _, op in sorted(OPS.items()):

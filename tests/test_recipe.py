@@ -142,3 +142,13 @@ def test_ops_listing_names_every_op_with_its_parameters_and_inverse():
     for op in OPS.values():
         assert op.signature() in result.stdout
     assert "transpose(x: torch.Tensor, *, dim0: int, dim1: int) -> torch.Tensor  (inverse: transpose)" in result.stdout
+
+
+def test_ops_listing_in_a_fresh_process_includes_the_formats_ops():
+    """In one test session every module is imported already; a fresh `moeconv ops` must import the formats itself."""
+    import subprocess
+    import sys
+
+    listing = subprocess.run([sys.executable, "-m", "moeconv", "ops"], capture_output=True, text=True, check=True).stdout
+    for name in ("dequantize-mxfp4(", "quantize-mxfp4(", "dequantize-fp8-block("):
+        assert name in listing, listing
