@@ -91,20 +91,22 @@ def dequantize(
                 dtype
             )  # [in/B1, 256]: the reference's product, rounded once
             if dtype == torch.float16 and torch.isinf(table).any():
-                _check_fp16(codes[m, r0:r1], table, column_base, r0)
+                _check_fp16(codes[m, r0:r1], table, column_base, scale[m, block_row])
             rows_index = index[: r1 - r0]
             torch.add(codes[m, r0:r1], column_base, out=rows_index)  # [rows, in] = byte + 256 * column block
             torch.index_select(table.view(flat.dtype).view(-1), 0, rows_index.view(-1), out=flat[m, r0:r1].reshape(-1))
     return out
 
 
-def _check_fp16(codes: torch.Tensor, table: torch.Tensor, column_base: torch.Tensor, r0: int) -> None:
-    """Raise OpError if a byte actually present maps to a table entry that overflowed fp16."""
-    hits = torch.isinf(table.view(-1))[(codes.to(torch.int32) + column_base).view(-1)].view(codes.shape)
+def _check_fp16(codes: torch.Tensor, table: torch.Tensor, column_base: torch.Tensor, scales: torch.Tensor) -> None:
+    """Raise OpError if a byte actually present maps to a table entry that overflowed fp16
+    (positions are not named: the op sees a block of rows, the message gets the key from the plan)."""
+    hits = torch.isinf(table.view(-1))[(codes.to(torch.int32) + column_base).view(-1)]
     if hits.any():
-        row, col = (int(i) for i in hits.nonzero()[0])
+        column = int(hits.nonzero()[0, 0]) % codes.shape[-1]
+        scale = float(scales[int(column_base[column]) // 256])
         raise OpError(
-            f"dequantize-fp8-block: value at row {r0 + row}, column {col} overflows fp16 (|value| > 65504); use dtype bf16 or fp32"
+            f"dequantize-fp8-block: a value overflows fp16 (|value| > 65504, in a block of scale {scale:g}); use dtype bf16 or fp32"
         )
 
 
