@@ -87,9 +87,8 @@ def dequantize(
     for m in range(codes.shape[0]):
         for block_row, r0 in enumerate(range(0, rows, b0)):
             r1 = min(r0 + b0, rows)
-            table = (values[None, :] * scale[m, block_row, :, None]).to(
-                dtype
-            )  # [in/B1, 256]: the reference's product, rounded once
+            # [in/B1, 256]: every byte's value in every column block of these rows, the reference's product rounded once
+            table = (values[None, :] * scale[m, block_row, :, None]).to(dtype)
             if dtype == torch.float16 and torch.isinf(table).any():
                 _check_fp16(codes[m, r0:r1], table, column_base, scale[m, block_row])
             rows_index = index[: r1 - r0]
