@@ -71,4 +71,4 @@ def output_quantization(config: dict, tensors: list[tuple[str, str]]) -> dict | 
     return None
 
 
-from moeconv.formats import mxfp4  # noqa: E402, F401  (registers its ops and format)
+from moeconv.formats import compressed, mxfp4  # noqa: E402, F401  (each registers its ops and format)
