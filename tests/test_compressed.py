@@ -33,6 +33,7 @@ from transformers import AutoModelForCausalLM, Qwen3MoeConfig  # noqa: E402
 
 import moeconv  # noqa: E402
 from moeconv import ops  # noqa: E402
+from moeconv.dtypes import to_safetensors  # noqa: E402
 from moeconv.errors import FormatError, MoeconvError, OpError  # noqa: E402
 from moeconv.formats import check_source  # noqa: E402
 from moeconv.formats.compressed import check_config  # noqa: E402
@@ -100,15 +101,24 @@ def reference(name: str, state: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def moeconv_op(name: str, state: dict[str, torch.Tensor], dtype: str = "bf16") -> torch.Tensor:
-    """moeconv's op on the same tensors, through the op's shape rule as a plan would run it."""
+    """moeconv's op on the same tensors, through the op's shape rule as a plan would run it; the
+    rule's (dtype, shape) is the output's."""
+    params = {"dtype": dtype}
     if name.startswith("nvfp4"):
-        tensors = [state["weight_packed"], state["weight_scale"], state["weight_global_scale"]]
-        return ops.apply("dequantize-nvfp4-pack-quantized", tensors, {"dtype": dtype})[0]
-    if name.startswith("fp8"):
-        return ops.apply("dequantize-float-quantized", [state["weight"], state["weight_scale"]], {"dtype": dtype})[0]
-    names = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
-    params = {"num_bits": SCHEMES[name]().weights.num_bits, "dtype": dtype}
-    return ops.apply("dequantize-pack-quantized", [state[n] for n in names if n in state], params)[0]
+        op, tensors = (
+            "dequantize-nvfp4-pack-quantized",
+            [state["weight_packed"], state["weight_scale"], state["weight_global_scale"]],
+        )
+    elif name.startswith("fp8"):
+        op, tensors = "dequantize-float-quantized", [state["weight"], state["weight_scale"]]
+    else:
+        names = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+        op, tensors = "dequantize-pack-quantized", [state[n] for n in names if n in state]
+        params["num_bits"] = SCHEMES[name]().weights.num_bits
+    (out,) = ops.apply(op, tensors, params)
+    specs = [(to_safetensors(t.dtype), tuple(t.shape)) for t in tensors]
+    assert ops.infer(op, specs, params) == [(to_safetensors(out.dtype), tuple(out.shape))] and out.is_contiguous()
+    return out
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -524,3 +534,18 @@ def test_row_blocks_give_the_bytes_of_the_whole(tmp_path, monkeypatch, name):
     assert set(outputs["512"]) == {"layer.weight"}
     assert same_bits(outputs["512"]["layer.weight"], outputs[str(1 << 24)]["layer.weight"])
     assert same_bits(outputs["512"]["layer.weight"], reference(name, state))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_an_odd_group_size_is_read_exactly(symmetric):
+    """Groups of 5 columns: a packed byte's two values may belong to two groups."""
+    scheme = int_scheme(4, 5, symmetric)
+    weight = torch.randn(16, 40, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    grouped = weight.float().reshape(16, 8, 5)
+    scale, zero_point = calculate_qparams(grouped.amin(-1), grouped.amax(-1), scheme.weights)
+    state = {"weight": weight, "weight_scale": scale.to(torch.bfloat16), "weight_zero_point": zero_point}
+    state = PackedQuantizationCompressor.compress(state, scheme)
+    want = PackedQuantizationCompressor.decompress(dict(state), scheme)["weight"]
+    names = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+    (got,) = ops.apply("dequantize-pack-quantized", [state[n] for n in names if n in state], {"num_bits": 4})
+    assert same_bits(got, want)

@@ -150,11 +150,13 @@ def dequantize_packed(
     for r0 in range(0, rows, step):
         r1 = min(r0 + step, rows)
         n = r1 - r0
-        block = values[: n * cols].view(n, groups, group)  # [n, G, in/G]
+        flat = values[: n * cols]
+        block = flat.view(n, groups, group)  # [n, G, in/G]
         if num_bits == 4:
             idx = index[: n * cols // 2]
             idx.view(n, -1).copy_(data[r0:r1])
-            torch.index_select(_pair_table("int4"), 0, idx, out=block.view(torch.int64).view(-1))  # q, pairwise
+            # q, pairwise in column order (a byte's two values may belong to two groups)
+            torch.index_select(_pair_table("int4"), 0, idx, out=flat.view(torch.int64))
             if zero is not None:
                 block.sub_(zero[r0:r1, :, None])
         else:
@@ -240,10 +242,11 @@ def dequantize_nvfp4(
     for r0 in range(0, rows, step):
         r1 = min(r0 + step, rows)
         n = r1 - r0
-        block = values[: n * cols].view(n, groups, 16)  # [n, in/16, 16]
+        flat = values[: n * cols]
+        block = flat.view(n, groups, 16)  # [n, in/16, 16]
         idx = index[: n * half]
         idx.view(n, half).copy_(data[r0:r1])
-        torch.index_select(_pair_table("fp4"), 0, idx, out=block.view(torch.int64).view(-1))  # fp4 values, pairwise
+        torch.index_select(_pair_table("fp4"), 0, idx, out=flat.view(torch.int64))  # fp4 values, pairwise
         block.mul_(effective[r0:r1, :, None])  # rounds once in fp32, as the package
         _store(op, block.view(n, cols), out[r0:r1], torch.bfloat16, r0)
     return out
