@@ -6,7 +6,7 @@ package's own `<Compressor>.decompress` on the same tensors, in one run.
     python benchmarks/kernel_compressed.py --shape 4096,8192 --rounds 7 --schemes int4-group,nvfp4
 
 Figures are output elements per second on one core (torch.set_num_threads(1)), best and median of
---rounds, alternating the two contenders, by wall clock and by the thread's CPU time. Both must
+--rounds (after --warmup untimed ones), alternating the two contenders, by wall clock and by the thread's CPU time. Both must
 produce the same bytes (checked first, for every scheme, at bf16 output: the package's own dtype).
 """
 
@@ -94,6 +94,7 @@ def main() -> None:
     parser.add_argument("--shape", default="2048,4096", help="[out, in] of one weight; in a multiple of 128")
     parser.add_argument("--schemes", default=",".join(SCHEMES), help=f"comma-separated, of {', '.join(SCHEMES)}")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds per scheme first")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -107,6 +108,8 @@ def main() -> None:
         mine, reference = ours(), package()
         assert mine.dtype == reference.dtype == torch.bfloat16, (name, mine.dtype, reference.dtype)
         assert torch.equal(mine.view(torch.int16), reference.view(torch.int16)), f"{name}: moeconv and the package disagree"
+        for _ in range(args.warmup):  # a fresh process runs its first few hundred MB of allocations slower (both contenders)
+            ours(), package()
         runs: dict[str, list[tuple[float, float]]] = {"moeconv": [], "package": []}
         for _ in range(args.rounds):
             runs["moeconv"].append(timed(ours))
