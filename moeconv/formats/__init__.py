@@ -71,4 +71,4 @@ def output_quantization(config: dict, tensors: list[tuple[str, str]]) -> dict | 
     return None
 
 
-from moeconv.formats import fp8, mxfp4  # noqa: E402, F401  (register their ops and formats)
+from moeconv.formats import compressed, fp8, mxfp4  # noqa: E402, F401  (each registers its ops and format)
