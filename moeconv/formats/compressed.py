@@ -87,15 +87,15 @@ def _block_rows(cols: int) -> int:
     return max(1, _BLOCK_ELEMENTS // max(cols, 1))
 
 
-def _store(op: str, values: torch.Tensor, out: torch.Tensor, via: torch.dtype | None, row0: int) -> None:
+def _store(op: str, values: torch.Tensor, out: torch.Tensor, via: torch.dtype | None) -> None:
     """fp32 values -> out, rounded first to `via` (the dtype the package computes in) when it is
-    neither fp32 nor out's dtype; fp16 overflow raises OpError naming the first row."""
+    neither fp32 nor out's dtype; fp16 overflow raises OpError (no row named: the op may see a block
+    of a tensor's rows, and the plan adds the key)."""
     if via is not None and via not in (torch.float32, out.dtype):
         values = values.to(via)
     out.copy_(values)
     if out.dtype == torch.float16 and torch.isinf(out).any():
-        row = row0 + int(torch.isinf(out).reshape(out.shape[0], -1).any(dim=1).nonzero()[0, 0])
-        raise OpError(f"{op}: values overflow fp16 (|value| > {_FP16_MAX:g}, first in row {row}); use dtype bf16 or fp32")
+        raise OpError(f"{op}: values overflow fp16 (|value| > {_FP16_MAX:g}); use dtype bf16 or fp32")
 
 
 # ---- pack-quantized -------------------------------------------------------------------------------
@@ -166,7 +166,7 @@ def dequantize_packed(
             block.view(n, cols).copy_(data[r0:r1])  # q + 128
             block.sub_((zero[r0:r1] + 128)[:, :, None] if zero is not None else 128)
         block.mul_(scale32[r0:r1, :, None])  # exact: a small integer times a bf16/fp16 scale (fp32: rounds once, as the package)
-        _store(op, block.view(n, cols), out[r0:r1], scale.dtype, r0)
+        _store(op, block.view(n, cols), out[r0:r1], scale.dtype)
     return out
 
 
@@ -251,7 +251,7 @@ def dequantize_nvfp4(
         idx.view(n, half).copy_(data[r0:r1])
         torch.index_select(_pair_table("fp4"), 0, idx, out=flat.view(torch.int64))  # fp4 values, pairwise
         block.mul_(effective[r0:r1, :, None])  # rounds once in fp32, as the package
-        _store(op, block.view(n, cols), out[r0:r1], torch.bfloat16, r0)
+        _store(op, block.view(n, cols), out[r0:r1], torch.bfloat16)
     return out
 
 
@@ -305,7 +305,7 @@ def dequantize_float(weight: torch.Tensor, scale: torch.Tensor, *, dtype: torch.
         idx.view(r1 - r0, cols).copy_(data[r0:r1])
         torch.index_select(_e4m3_table(), 0, idx, out=block.view(torch.int32).view(-1))  # e4m3 -> fp32, exact
         block.mul_(scale32[r0:r1] if per_row else scale32)  # exact for bf16/fp16 scales; fp32 rounds once, as the package
-        _store(op, block, out[r0:r1], scale.dtype, r0)
+        _store(op, block, out[r0:r1], scale.dtype)
     return out
 
 
