@@ -412,17 +412,20 @@ def tiny_qwen3_moe(out: Path) -> Path:
     return out
 
 
-def compressed_checkpoint(out: Path, name: str, *, scheme: QuantizationScheme | None = None) -> dict[str, torch.Tensor]:
+def compressed_checkpoint(
+    out: Path, name: str, *, scheme: QuantizationScheme | None = None, experts_only: bool = False
+) -> dict[str, torch.Tensor]:
     """A tiny per-expert Qwen3-MoE (transformers' own save) whose Linear weights except IGNORE are
     replaced by the package's compressed tensors, and config.json written by the package. Returns
-    what the package decompresses each compressed Linear weight to (key -> bf16)."""
+    what the package decompresses each compressed Linear weight to (key -> bf16). `experts_only`:
+    attention stays bf16 and is listed in `ignore`, as Kimi-K2-Thinking ships."""
     tiny_qwen3_moe(out)
     (shard,) = out.glob("*.safetensors")
     tensors = load_file(shard)
     decompressed = {}
     for key in sorted(tensors):
         linear = key.endswith("_proj.weight")  # attention q/k/v/o, experts gate/up/down; not the router, lm_head, norms
-        if not linear:
+        if not linear or experts_only and ".experts." not in key:
             continue
         state = compress(name, tensors.pop(key))
         prefix = key.removesuffix(".weight")
@@ -430,7 +433,8 @@ def compressed_checkpoint(out: Path, name: str, *, scheme: QuantizationScheme | 
         decompressed[key] = reference(name, state)
     save_file(tensors, shard, metadata={"format": "pt"})
     fmt = FORMAT_OF.get(name, "pack-quantized")
-    config = QuantizationConfig(config_groups={"group_0": scheme or SCHEMES[name]()}, format=fmt, ignore=IGNORE)
+    ignore = IGNORE + (["re:.*self_attn.*"] if experts_only else [])
+    config = QuantizationConfig(config_groups={"group_0": scheme or SCHEMES[name]()}, format=fmt, ignore=ignore)
     config.quantization_status = QuantizationStatus.COMPRESSED
     ModelCompressor(quantization_config=config).update_config(str(out))
     return decompressed
@@ -549,3 +553,26 @@ def test_an_odd_group_size_is_read_exactly(symmetric):
     names = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
     (got,) = ops.apply("dequantize-pack-quantized", [state[n] for n in names if n in state], {"num_bits": 4})
     assert same_bits(got, want)
+
+
+def test_the_example_recipe_dequantizes_int4_experts_and_fuse_experts_follows(tmp_path):
+    """examples/recipes/int4-experts-fused.toml, then preset fuse-experts, on an experts-only INT4 checkpoint."""
+    src = tmp_path / "src"
+    want = compressed_checkpoint(src, "int4-group", experts_only=True)
+    source = read_checkpoint(src)
+    recipe = Path(__file__).parent.parent / "examples" / "recipes" / "int4-experts-fused.toml"
+    result = run("convert", src, tmp_path / "out", "--recipe", recipe, "--recipe", "preset:fuse-experts", "--strict")
+    assert result.exit_code == 0, result.output
+    assert "load report: clean" in result.output
+    written = read_checkpoint(tmp_path / "out")
+    expert = "model.layers.{}.mlp.experts.{}.{}_proj.weight"
+    for layer in range(2):
+        gate_up = torch.stack(
+            [torch.cat([want[expert.format(layer, e, "gate")], want[expert.format(layer, e, "up")]]) for e in range(4)]
+        )
+        assert same_bits(written[f"model.layers.{layer}.mlp.experts.gate_up_proj"], gate_up)  # [E, 2I, H]
+        down = torch.stack([want[expert.format(layer, e, "down")] for e in range(4)])
+        assert same_bits(written[f"model.layers.{layer}.mlp.experts.down_proj"], down)  # [E, H, I]
+        q_proj = f"model.layers.{layer}.self_attn.q_proj.weight"
+        assert same_bits(written[q_proj], source[q_proj])  # ignored: bf16 as it was
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
