@@ -12,9 +12,10 @@ Cases (synthetic checkpoints from make_checkpoint.py, converted with `--preset g
     memory     peak RSS of one gpt-oss-120b-width layer and of 1, 2, 4 gpt-oss-20b-width layers
                (vocabulary 8192). Target: <= 1.0 GB, flat with layers.
     deepseek-v3  one DeepSeek-V3-width FP8 layer (256 experts of [2048, 7168] + a shared expert, MLA;
-               vocabulary 8192; 11.8 GB in, 23 GB out) with `--preset fp8-bf16`, against the floor and
-               DeepSeek's own fp8_cast_bf16.py flow on a CPU (benchmarks/fp8_cast_per_shard.py,
-               followed by `sync`: it does not fsync). Target: peak RSS <= 1.0 GB.
+               vocabulary 8192; 11.8 GB in, 23 GB out) with `--preset fp8-bf16`, against the floor,
+               DeepSeek's own fp8_cast_bf16.py flow on a CPU (benchmarks/fp8_cast_per_shard.py) and
+               compressed-tensors' convert_checkpoint (benchmarks/fp8_ct_convert.py), each followed
+               by `sync` (they do not fsync). Target: peak RSS <= 1.0 GB.
 
 Each contender is its own subprocess, started after `sync; echo 3 > /proc/sys/vm/drop_caches` (as
 root; every run starts cold, Python imports included) with its current directory outside any
@@ -54,7 +55,8 @@ PY = sys.executable
 PRESET = "gpt-oss-bf16"
 HEADER_SLACK = 16 * 2**20  # output headers and alignment: bytes a conversion may write beyond the tensors
 CASES = ["gpt-oss-8", "gpt-oss-2", "memory", "deepseek-v3"]
-SCRIPT = "fp8_cast_bf16.py (CPU)"  # the alternative in the deepseek-v3 case
+# the alternatives in the deepseek-v3 case: name -> script (SRC OUT), each followed by `sync`
+ALTERNATIVES = {"fp8_cast_bf16.py (CPU)": "fp8_cast_per_shard.py", "compressed-tensors convert_checkpoint": "fp8_ct_convert.py"}
 MEMORY = [("gpt-oss-120b", 1), ("gpt-oss-20b", 1), ("gpt-oss-20b", 2), ("gpt-oss-20b", 4)]
 MEMORY_VOCAB = 8192
 TARGET_X_FLOOR = 1.1
@@ -131,9 +133,10 @@ def convert(tree: Path, src: Path, out: Path, label: str, preset: str = PRESET) 
     return result
 
 
-def per_shard_script(src: Path, out: Path) -> dict:
+def alternative(name: str, src: Path, out: Path) -> dict:
+    """An alternative converter (ALTERNATIVES) as its own cold subprocess, then `sync` (they do not fsync)."""
     shutil.rmtree(out, ignore_errors=True)
-    result = run(["sh", "-c", f'"{PY}" "{HERE / "fp8_cast_per_shard.py"}" "{src}" "{out}" && sync'], SCRIPT)
+    result = run(["sh", "-c", f'"{PY}" "{HERE / ALTERNATIVES[name]}" "{src}" "{out}" && sync'], name)
     result["out_bytes"] = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     shutil.rmtree(out, ignore_errors=True)
     return result
@@ -179,12 +182,12 @@ def med(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
-def compare(trees: dict[str, Path], src: Path, data: Path, rounds: int, preset: str = PRESET, script: bool = False) -> dict:
-    """Interleaved rounds of every tree's conversion, the floor (and the per-shard script); medians and ratios."""
+def compare(trees: dict[str, Path], src: Path, data: Path, rounds: int, preset: str = PRESET, others: bool = False) -> dict:
+    """Interleaved rounds of every tree's conversion, the floor (and the ALTERNATIVES); medians and ratios."""
     out = data / "out"
     nbytes = bf16_output_bytes(src)
     need_disk(data, nbytes, f"converting {src.name}")
-    contenders = [*trees, "floor", *([SCRIPT] if script else [])]
+    contenders = [*trees, "floor", *(ALTERNATIVES if others else [])]
     runs: dict[str, list[dict]] = {name: [] for name in contenders}
     for round_ in range(rounds):
         order = contenders[round_ % len(contenders) :] + contenders[: round_ % len(contenders)]
@@ -193,9 +196,10 @@ def compare(trees: dict[str, Path], src: Path, data: Path, rounds: int, preset: 
             if name == "floor":
                 runs[name].append(floor(src, out, nbytes))
             else:
-                result = (
-                    per_shard_script(src, out) if name == SCRIPT else convert(trees[name], src, out, f"moeconv ({name})", preset)
-                )
+                if name in ALTERNATIVES:
+                    result = alternative(name, src, out)
+                else:
+                    result = convert(trees[name], src, out, f"moeconv ({name})", preset)
                 result["size_ok"] = 0 <= result["out_bytes"] - nbytes <= HEADER_SLACK
                 if not result["size_ok"]:
                     print(f"  ! {name} wrote {result['out_bytes']} bytes, the floor {nbytes}", flush=True)
@@ -266,7 +270,7 @@ def table_compare(case: str, fig: dict) -> str:
             lines.append(f"| floor | {wall} | 1 | 1 | {s['cpu']:.1f} | {s['rss_gb']:.2f} | {fig['output_bytes']} B | {load} |")
         else:
             size = "= floor" if s["size_ok"] else "DIFFERS"
-            label = name if name == SCRIPT else f"moeconv ({name})"
+            label = name if name in ALTERNATIVES else f"moeconv ({name})"
             lines.append(
                 f"| {label} | {wall} | {s['x_floor']:.2f} | {s['x_floor_per_round']:.2f} | {s['cpu']:.1f} | {s['rss_gb']:.2f} | {size} | {load} |"
             )
@@ -281,7 +285,7 @@ def table_compare(case: str, fig: dict) -> str:
                 )
     if case == "deepseek-v3":
         for name, s in m.items():
-            if name not in ("floor", SCRIPT):
+            if name != "floor" and name not in ALTERNATIVES:
                 ok = s["rss_gb"] <= TARGET_RSS_GB
                 lines.append(f"target for {name}: <= {TARGET_RSS_GB} GB: {'met' if ok else 'NOT met'} ({s['rss_gb']:.2f} GB)")
     floors = [r["floor"] for r in fig["runs"]["floor"]]
@@ -365,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             fig = memory(trees, args.data, args.memory_rounds, args.keep_memory_data)
         elif case == "deepseek-v3":
             src = make(args.data, "deepseek-v3", 1, MEMORY_VOCAB)
-            fig = compare(trees, src, args.data, args.rounds, preset="fp8-bf16", script=True)
+            fig = compare(trees, src, args.data, args.rounds, preset="fp8-bf16", others=True)
         else:
             src = make(args.data, "gpt-oss-20b", int(case.rsplit("-", 1)[1]))
             fig = compare(trees, src, args.data, args.rounds)

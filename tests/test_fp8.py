@@ -285,3 +285,21 @@ def test_the_example_recipe_drops_the_mtp_layer_and_dequantizes_the_rest(tmp_pat
     ours, preset = load_file(tmp_path / "out" / "model.safetensors"), load_file(tmp_path / "preset" / "model.safetensors")
     assert set(ours) == {k for k in preset if not k.startswith("model.layers.61.")} and len(ours) < len(preset)
     assert all(same_bits(ours[k], preset[k]) for k in ours)
+
+
+def test_compressed_tensors_fp8_block_dequantizer_writes_the_same_bytes(tmp_path):
+    """The closest offline peer, compressed-tensors' convert_checkpoint + FP8BlockDequantizer (it pads
+    edge blocks): the same bytes, edge rows included (24-row experts in 16-row blocks). Its columns
+    must divide by the block: 0.20.1 fails to save a weight cut back to fewer columns (non-contiguous)."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.entrypoints.convert import convert_checkpoint
+    from compressed_tensors.entrypoints.convert.converters.fp8block_dequantizer import FP8BlockDequantizer
+
+    src = build_deepseek_v3_fp8(tmp_path / "src", block=(16, 8), aligned=True)
+    converter = FP8BlockDequantizer.from_pretrained(str(src), weight_block_size=(16, 8), dtype=torch.bfloat16)
+    convert_checkpoint(str(src), str(tmp_path / "peer"), converter, device="cpu")
+    assert convert(src, tmp_path / "out", "--preset", "fp8-bf16").exit_code == 0
+    peer, ours = load_file(tmp_path / "peer" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert set(peer) == set(ours)
+    assert all(same_bits(ours[key], peer[key]) for key in peer)
+    assert any(t.shape[0] % 16 for k, t in ours.items() if k.endswith("proj.weight"))  # edge row blocks were exercised
