@@ -185,6 +185,20 @@ class _Planner:
             raise PlanError(message + " (--strict)")
         self.warnings.append(message)
 
+    def left_in_format(self, recipes: list[Recipe], strict: bool) -> None:
+        """Tensors still in the format a recipe reads: no rule took them (a weight without its scale,
+        a scheme no rule names). They keep config.json's quantization_config; named here (an error
+        with --strict), since a loader of the rest would not expect them."""
+        for quant_method in dict.fromkeys(r.format for r in recipes if r.format):
+            fmt = formats.FORMATS[quant_method]
+            left = [key for key, entry in self.namespace.items() if fmt.holds(key, entry.node.dtype)]
+            if left:
+                more = f" and {len(left) - 3} more" if len(left) > 3 else ""
+                shown = ", ".join(f"'{key}' ({self.namespace[key].node.dtype})" for key in left[:3])
+                self._unmatched(
+                    f"{shown}{more} still in {quant_method}: no rule converted {'it' if len(left) == 1 else 'them'}", strict
+                )
+
     def apply_rule(self, rule: Rule, strict: bool) -> bool:
         """Apply one rule to the namespace; False when it matched nothing."""
         if rule.model_types and self.config.get("model_type") not in rule.model_types:
@@ -420,13 +434,15 @@ class _Planner:
     # ---- after the rules --------------------------------------------------------------------------
 
     def cast_floats(self) -> None:
-        """--dtype: every floating-point output in that dtype (exact ops already produce it)."""
+        """--dtype: every floating-point output in that dtype (exact ops already produce it), but
+        1-byte floats (FP8, E8M0): those are quantized data, whose values mean nothing without
+        their scales, so only a format's op may widen them."""
         if self.dtype is None:
             return
         params = {"dtype": self.dtype}
         for entry in self.namespace.values():
             node = entry.node
-            if dtypes.is_float(node.dtype) and node.dtype != self.dtype:
+            if dtypes.is_float(node.dtype) and node.dtype != self.dtype and dtypes.itemsize(node.dtype) > 1:
                 ((dtype, shape),) = infer_outputs("cast", params, [node])
                 entry.node = OpNode("cast", params, [node], 0, dtype, shape)
                 entry.ops += (f"cast(dtype={dtypes.SHORT_NAMES[self.dtype]})",)
@@ -512,6 +528,7 @@ def build_plan(
     planner = _Planner(source, dtype)
     for recipe in recipes:
         planner.apply_recipe(recipe, strict)
+    planner.left_in_format(recipes, strict)
     planner.cast_floats()
 
     tensors: dict[str, PlannedTensor] = {}

@@ -303,3 +303,19 @@ def test_compressed_tensors_fp8_block_dequantizer_writes_the_same_bytes(tmp_path
     assert set(peer) == set(ours)
     assert all(same_bits(ours[key], peer[key]) for key in peer)
     assert any(t.shape[0] % 16 for k, t in ours.items() if k.endswith("proj.weight"))  # edge row blocks were exercised
+
+
+def test_an_fp8_weight_without_its_scale_is_named_and_never_widened_by_dtype(tmp_path):
+    """Its bytes mean nothing without a scale: --dtype leaves it F8 (config.json keeps
+    quantization_config), the plan names it, and --strict refuses."""
+    src = small_fp8(tmp_path, FP8)
+    tensors = load_file(src / "model.safetensors")
+    tensors["orphan.weight"] = tensors["layer.weight"].clone()
+    save_file(tensors, src / "model.safetensors")
+    result = convert(src, tmp_path / "out", "--preset", "fp8-bf16", "--dtype", "bf16")
+    assert result.exit_code == 0 and "'orphan.weight' (F8_E4M3) still in fp8: no rule converted it" in result.output
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    assert written["orphan.weight"].dtype == torch.float8_e4m3fn and written["layer.weight"].dtype == torch.bfloat16
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"] == FP8
+    strict = convert(src, tmp_path / "strict", "--preset", "fp8-bf16", "--strict")
+    assert strict.exit_code == 1 and "still in fp8" in error_line(strict.stderr) and not (tmp_path / "strict").exists()
