@@ -78,9 +78,11 @@ def write_all(out: Path, nbytes: int, request: int, shard: int) -> list[Path]:
 
 
 def bf16_output_bytes(src: Path) -> int:
-    """Tensor bytes of SRC with every MXFP4 expert tensor dequantized to bf16, as gpt-oss-bf16 writes:
-    each `*_blocks` U8 byte (two FP4 values) becomes 4 bytes, each `*_scales` tensor goes, the rest
-    is kept as it is; FP8 weights (F8_E4M3) become 2 bytes an element and their `*_scale_inv` go. Headers are not counted (a few hundred KB at most)."""
+    """Tensor bytes of SRC with every quantized tensor dequantized to bf16, as the presets write it:
+    each MXFP4 `*_blocks` U8 byte (two FP4 values) becomes 4 bytes and each `*_scales` tensor goes;
+    FP8 weights (F8_E4M3) become 2 bytes an element and their `*_scale_inv` go; INT4 `*.weight_packed`
+    I32 words (8 values) become 16 bytes and their `weight_scale` and `weight_shape` go. The rest is
+    kept as it is. Headers are not counted (a few hundred KB at most)."""
     total = 0
     for path in sorted(src.glob("*.safetensors")):
         with open(path, "rb") as f:
@@ -90,8 +92,13 @@ def bf16_output_bytes(src: Path) -> int:
             if key == "__metadata__":
                 continue
             n = entry["data_offsets"][1] - entry["data_offsets"][0]
+            packed = key.rpartition(".")[0] + ".weight_packed" in header
             if key.endswith("_blocks") and entry["dtype"] == "U8":
                 total += 4 * n
+            elif key.endswith(".weight_packed") and entry["dtype"] == "I32":  # INT4, as compressed-tensors-bf16 writes it
+                total += 4 * n
+            elif packed:  # its weight_scale and weight_shape
+                continue
             elif entry["dtype"] == "F8_E4M3":  # an FP8 block weight, as fp8-bf16 writes it
                 total += 2 * n
             elif not (key.endswith("_scales") and entry["dtype"] == "U8" or key.endswith("_scale_inv")):

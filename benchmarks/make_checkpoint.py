@@ -5,6 +5,7 @@
     python benchmarks/make_checkpoint.py gpt-oss-120b OUT [--layers 1] [--vocab 8192]
     python benchmarks/make_checkpoint.py mixtral-8x7b OUT [--layers 1] [--vocab 32000]
     python benchmarks/make_checkpoint.py deepseek-v3  OUT [--layers 1] [--vocab 129280]
+    python benchmarks/make_checkpoint.py kimi-k2-int4 OUT [--layers 1] [--vocab 163840]
 
 Self-contained: numpy and the standard library only (no moeconv, no torch), so it keeps working
 whatever moeconv's internals become.
@@ -24,7 +25,9 @@ every value is at most 6 in magnitude and finite in fp16 as well as bf16; weight
 (block_sparse_moe.experts.N.w1/w2/w3), H=4096, I=14336, E=8, everything bf16. DeepSeek-V3: the
 hub's FP8 layout (every Linear float8_e4m3fn + an fp32 `weight_scale_inv` per 128x128 block, random
 E4M3 bytes but NaN, scales in 1e-5..1e-3), H=7168, expert I=2048, 256 routed + 1 shared expert, MLA
-attention, every layer a MoE layer.
+attention, every layer a MoE layer. Kimi-K2-Thinking (kimi-k2-int4): the same architecture with 384
+experts and 64 heads, its routed experts compressed-tensors pack-quantized INT4 (random words, bf16
+group-32 scales, weight_shape as data), everything else bf16.
 
 Files as the hub has them: shards of at most 5 GB of tensor bytes (--max-shard-gb), cut in key order
 as transformers cuts them, model-0000i-of-0000n.safetensors plus model.safetensors.index.json (one
@@ -74,12 +77,14 @@ DEEPSEEK_V3 = dict(  # as in deepseek-ai/DeepSeek-V3 config.json (layers and voc
     top_k=8,
 )
 FP8_BLOCK = (128, 128)
+KIMI_K2 = {**DEEPSEEK_V3, "experts": 384, "heads": 64, "vocab": 163840}  # moonshotai/Kimi-K2-Thinking: DeepSeek-V3's architecture
+INT4_GROUP = 32
 MXFP4_BLOCK = 32  # elements per E8M0 scale
 SCALES = (115, 127)  # E8M0 exponents drawn from this closed range
 CHUNK = 64 * 2**20
 POOL = 80 * 2**20
 ALIGN = 16  # the data section starts at a multiple of this
-ITEMSIZE = {"BF16": 2, "U8": 1, "F8_E4M3": 1, "F32": 4}
+ITEMSIZE = {"BF16": 2, "U8": 1, "F8_E4M3": 1, "F32": 4, "I32": 4, "I64": 8}
 
 MXFP4_QUANTIZATION_CONFIG = {  # as in the hub's config.json
     "modules_to_not_convert": [
@@ -244,31 +249,46 @@ def _fp8_linear(layout: dict, key: str, rows: int, cols: int) -> None:
     layout[key + ".weight_scale_inv"] = ("F32", (-(-rows // FP8_BLOCK[0]), -(-cols // FP8_BLOCK[1])))
 
 
+def _int4_linear(layout: dict, key: str, rows: int, cols: int) -> None:
+    """A compressed-tensors pack-quantized INT4 Linear (symmetric, group 32), as Kimi-K2-Thinking
+    ships its routed experts: packed words, a bf16 scale per group, and the [out, in] shape as data."""
+    layout[key + ".weight_packed"] = ("I32", (rows, cols // 8))
+    layout[key + ".weight_scale"] = ("BF16", (rows, cols // INT4_GROUP))
+    layout[key + ".weight_shape"] = ("I64", (2,), np.array([rows, cols], dtype="<i8").tobytes())
+
+
+def _bf16_linear(layout: dict, key: str, rows: int, cols: int) -> None:
+    layout[key + ".weight"] = ("BF16", (rows, cols))
+
+
 def deepseek_v3_layout(
-    *, layers, experts, hidden, moe_intermediate, vocab, heads, q_lora, kv_lora, rope, nope, v_head, **_
+    *, layers, experts, hidden, moe_intermediate, vocab, heads, q_lora, kv_lora, rope, nope, v_head, int4_experts=False, **_
 ) -> dict:
-    """Every layer a MoE layer (first_k_dense_replace = 0): MLA attention, 256 routed experts and
-    one shared expert, every Linear FP8 in 128x128 blocks; embeddings, head, norms, router bf16."""
+    """Every layer a MoE layer (first_k_dense_replace = 0): MLA attention, routed experts and one
+    shared expert, every Linear FP8 in 128x128 blocks; embeddings, head, norms, router bf16.
+    `int4_experts` (Kimi-K2-Thinking): the routed experts INT4, every other Linear bf16."""
     h, i = hidden, moe_intermediate
+    linear = _bf16_linear if int4_experts else _fp8_linear
     layout = {"model.embed_tokens.weight": ("BF16", (vocab, h))}
     for layer in range(layers):
         p = f"model.layers.{layer}."
         layout[p + "input_layernorm.weight"] = ("BF16", (h,))
-        _fp8_linear(layout, p + "self_attn.q_a_proj", q_lora, h)
+        linear(layout, p + "self_attn.q_a_proj", q_lora, h)
         layout[p + "self_attn.q_a_layernorm.weight"] = ("BF16", (q_lora,))
-        _fp8_linear(layout, p + "self_attn.q_b_proj", heads * (nope + rope), q_lora)
-        _fp8_linear(layout, p + "self_attn.kv_a_proj_with_mqa", kv_lora + rope, h)  # [576, 7168]: a [5, 56] grid
+        linear(layout, p + "self_attn.q_b_proj", heads * (nope + rope), q_lora)
+        linear(layout, p + "self_attn.kv_a_proj_with_mqa", kv_lora + rope, h)  # [576, 7168]: a [5, 56] FP8 grid
         layout[p + "self_attn.kv_a_layernorm.weight"] = ("BF16", (kv_lora,))
-        _fp8_linear(layout, p + "self_attn.kv_b_proj", heads * (nope + v_head), kv_lora)
-        _fp8_linear(layout, p + "self_attn.o_proj", h, heads * v_head)
+        linear(layout, p + "self_attn.kv_b_proj", heads * (nope + v_head), kv_lora)
+        linear(layout, p + "self_attn.o_proj", h, heads * v_head)
         layout[p + "post_attention_layernorm.weight"] = ("BF16", (h,))
         layout[p + "mlp.gate.weight"] = ("BF16", (experts, h))
         layout[p + "mlp.gate.e_score_correction_bias"] = ("F32", (experts,))
         for m in [*range(experts), "shared"]:
             x = p + ("mlp.shared_experts." if m == "shared" else f"mlp.experts.{m}.")
-            _fp8_linear(layout, x + "gate_proj", i, h)
-            _fp8_linear(layout, x + "up_proj", i, h)
-            _fp8_linear(layout, x + "down_proj", h, i)
+            expert = _int4_linear if int4_experts and m != "shared" else linear
+            expert(layout, x + "gate_proj", i, h)
+            expert(layout, x + "up_proj", i, h)
+            expert(layout, x + "down_proj", h, i)
     layout["model.norm.weight"] = ("BF16", (h,))
     layout["lm_head.weight"] = ("BF16", (vocab, h))
     return dict(sorted(layout.items(), key=lambda kv: _natural_key(kv[0])))
@@ -350,6 +370,32 @@ class Pool:
         return memoryview(pool[start : start + nbytes])
 
 
+INT4_QUANTIZATION_CONFIG = {  # as in moonshotai/Kimi-K2-Thinking config.json (ignore: what this layout leaves bf16)
+    "quant_method": "compressed-tensors",
+    "format": "pack-quantized",
+    "quantization_status": "compressed",
+    "config_groups": {
+        "group_0": {
+            "targets": ["Linear"],
+            "weights": {
+                "num_bits": 4,
+                "type": "int",
+                "symmetric": True,
+                "strategy": "group",
+                "group_size": INT4_GROUP,
+                "dynamic": False,
+                "actorder": None,
+                "observer": "minmax",
+            },
+            "input_activations": None,
+            "output_activations": None,
+        }
+    },
+    "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp[.]gate$"],
+    "kv_cache_scheme": None,
+}
+
+
 def _kind(key: str, dtype: str) -> str:
     if dtype == "F8_E4M3":
         return "fp8"
@@ -383,7 +429,7 @@ def split_shards(layout: dict, max_shard_size: int) -> list[list[str]]:
     shards: list[list[str]] = []
     current: list[str] = []
     size = 0
-    for key, (dtype, shape) in layout.items():
+    for key, (dtype, shape, *_) in layout.items():
         n = _nbytes(dtype, shape)
         if current and size + n > max_shard_size:
             shards.append(current)
@@ -401,7 +447,7 @@ def write_shard(path: Path, layout: dict, keys: list[str], pool: Pool) -> int:
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     position = 0
     for key in keys:
-        dtype, shape = layout[key]
+        dtype, shape = layout[key][:2]
         n = _nbytes(dtype, shape)
         header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [position, position + n]}
         position += n
@@ -410,6 +456,9 @@ def write_shard(path: Path, layout: dict, keys: list[str], pool: Pool) -> int:
     with open(path, "wb", buffering=0) as f:
         f.write(len(text).to_bytes(8, "little") + text)
         for key in keys:
+            if len(layout[key]) == 3:  # (dtype, shape, the bytes themselves): data a reader interprets
+                f.write(layout[key][2])
+                continue
             left = _nbytes(*layout[key])
             while left:
                 n = min(left, CHUNK)
@@ -442,7 +491,7 @@ def write_json(path: Path, obj) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", choices=[*GPT_OSS, "mixtral-8x7b", "deepseek-v3"])
+    parser.add_argument("model", choices=[*GPT_OSS, "mixtral-8x7b", "deepseek-v3", "kimi-k2-int4"])
     parser.add_argument("out", type=Path)
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--vocab", type=int, default=None, help="default: the real model's")
@@ -459,6 +508,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.model == "deepseek-v3":
         dims = {**DEEPSEEK_V3, "layers": args.layers, "vocab": args.vocab or DEEPSEEK_V3["vocab"]}
         layout, config, generation = deepseek_v3_layout(**dims), deepseek_v3_config(**dims), None
+    elif args.model == "kimi-k2-int4":
+        dims = {**KIMI_K2, "layers": args.layers, "vocab": args.vocab or KIMI_K2["vocab"]}
+        layout, config = deepseek_v3_layout(**dims, int4_experts=True), deepseek_v3_config(**dims)
+        config["quantization_config"], generation = INT4_QUANTIZATION_CONFIG, None
     elif args.model == "mixtral-8x7b":
         dims = {**MIXTRAL, "layers": args.layers, "vocab": args.vocab or MIXTRAL["vocab"]}
         layout, config, generation = mixtral_layout(**dims), mixtral_config(**dims), None

@@ -16,6 +16,11 @@ Cases (synthetic checkpoints from make_checkpoint.py, converted with `--preset g
                DeepSeek's own fp8_cast_bf16.py flow on a CPU (benchmarks/fp8_cast_per_shard.py) and
                compressed-tensors' convert_checkpoint (benchmarks/fp8_ct_convert.py), each followed
                by `sync` (they do not fsync). Target: peak RSS <= 1.0 GB.
+    kimi-k2-int4  one Kimi-K2-Thinking-width layer (384 INT4 routed experts of [2048, 7168], the rest
+               bf16; vocabulary 8192; ~9.6 GB in, ~35 GB out) with `--preset compressed-tensors-bf16`,
+               against the floor. compressed-tensors' own convert_checkpoint is not run: it holds a
+               whole shard's bf16 result in memory (~20 GB for a 5 GB INT4 shard), too near this
+               machine's 24 GB to measure safely.
 
 Each contender is its own subprocess, started after `sync; echo 3 > /proc/sys/vm/drop_caches` (as
 root; every run starts cold, Python imports included) with its current directory outside any
@@ -54,7 +59,7 @@ REPO = HERE.parent
 PY = sys.executable
 PRESET = "gpt-oss-bf16"
 HEADER_SLACK = 16 * 2**20  # output headers and alignment: bytes a conversion may write beyond the tensors
-CASES = ["gpt-oss-8", "gpt-oss-2", "memory", "deepseek-v3"]
+CASES = ["gpt-oss-8", "gpt-oss-2", "memory", "deepseek-v3", "kimi-k2-int4"]
 # the alternatives in the deepseek-v3 case: name -> script (SRC OUT), each followed by `sync`
 ALTERNATIVES = {"fp8_cast_bf16.py (CPU)": "fp8_cast_per_shard.py", "compressed-tensors convert_checkpoint": "fp8_ct_convert.py"}
 MEMORY = [("gpt-oss-120b", 1), ("gpt-oss-20b", 1), ("gpt-oss-20b", 2), ("gpt-oss-20b", 4)]
@@ -283,7 +288,7 @@ def table_compare(case: str, fig: dict) -> str:
                     f"target for {name}: <= {TARGET_X_FLOOR}x floor and <= {TARGET_RSS_GB} GB: {'met' if ok else 'NOT met'} "
                     f"({s['x_floor']:.2f}x, {s['rss_gb']:.2f} GB)"
                 )
-    if case == "deepseek-v3":
+    if case in ("deepseek-v3", "kimi-k2-int4"):
         for name, s in m.items():
             if name != "floor" and name not in ALTERNATIVES:
                 ok = s["rss_gb"] <= TARGET_RSS_GB
@@ -370,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
         elif case == "deepseek-v3":
             src = make(args.data, "deepseek-v3", 1, MEMORY_VOCAB)
             fig = compare(trees, src, args.data, args.rounds, preset="fp8-bf16", others=True)
+        elif case == "kimi-k2-int4":
+            src = make(args.data, "kimi-k2-int4", 1, MEMORY_VOCAB)
+            fig = compare(trees, src, args.data, args.rounds, preset="compressed-tensors-bf16")
         else:
             src = make(args.data, "gpt-oss-20b", int(case.rsplit("-", 1)[1]))
             fig = compare(trees, src, args.data, args.rounds)
