@@ -239,6 +239,16 @@ def test_unsupported_schemes_fail_in_one_line_before_any_data_moves(tmp_path, qu
     assert not (tmp_path / "out").exists()
 
 
+def test_minimax_m2s_spelling_of_e4m3_is_read(tmp_path):
+    """MiniMax-M2's config.json says fmt "float8_e4m3fn" (DeepSeek's "e4m3"), with modules_to_not_convert."""
+    src = small_fp8(tmp_path, {**FP8, "fmt": "float8_e4m3fn", "modules_to_not_convert": ["gate", "lm_head"]}, scale=0.5)
+    result = convert(src, tmp_path / "out", "--preset", "fp8-bf16")
+    assert result.exit_code == 0, result.output
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    source = load_file(src / "model.safetensors")
+    assert same_bits(written["layer.weight"], (source["layer.weight"].float() * 0.5).bfloat16())
+
+
 def test_a_scale_grid_that_does_not_fit_the_weight_names_rule_and_key(tmp_path):
     src = small_fp8(tmp_path, FP8, scale_shape=(2, 1))
     result = convert(src, tmp_path / "out", "--preset", "fp8-bf16")

@@ -27,6 +27,7 @@ from moeconv import arena, dtypes, ops
 from moeconv.errors import FormatError, OpError
 from moeconv.formats import Format, register_format
 
+E4M3_NAMES = ("e4m3", "float8_e4m3fn")  # DeepSeek, Kimi and Qwen write the first, MiniMax-M2 the second
 _SCALE_DTYPES = ("F32", "BF16", "F16", "U8", "F8_E8M0")  # U8 / F8_E8M0: UE8M0 exponents
 _OUT_DTYPES = {"BF16": torch.int16, "F16": torch.int16, "F32": torch.int32}  # output dtype -> same-width int for the gather
 _E4M3 = None  # [256] fp32: every float8_e4m3fn byte's value
@@ -161,7 +162,7 @@ def check_config(quantization: dict) -> None:
     """What this module reads: E4M3 weights in 2-D blocks. Activation settings (`activation_scheme`,
     `scale_fmt`) concern the runtime's activations, not the stored weights, and are accepted."""
     fmt = quantization.get("fmt", "e4m3")
-    if fmt != "e4m3":
+    if fmt not in E4M3_NAMES:
         raise FormatError(f"fp8 quantization_config fmt {fmt!r} is not supported (moeconv reads e4m3)")
     block = quantization.get("weight_block_size")
     if block is None:
