@@ -55,9 +55,16 @@ SCALE_SETS = {
 }
 
 
+@pytest.fixture(params=["table", "formula"])
+def kernel_path(request, monkeypatch):
+    """Both ways the kernel computes: a 256-entry table per block, or the formula (small blocks)."""
+    monkeypatch.setattr(fp8, "_TABLE_MIN_BLOCK", 0 if request.param == "table" else 1 << 62)
+    return request.param
+
+
 @pytest.mark.parametrize("scale_dtype", list(SCALE_SETS), ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16], ids=str)
-def test_every_byte_under_every_scale_is_transformers_value(scale_dtype, dtype):
+def test_every_byte_under_every_scale_is_transformers_value(scale_dtype, dtype, kernel_path):
     """Exhaustive over the 256 E4M3 bytes (NaN 0x7F/0xFF, subnormals, -0) x a table of scales: one
     scale per row, blocks [1, 256], the shape transformers' dequantizer accepts."""
     scales = SCALE_SETS[scale_dtype]
@@ -84,7 +91,7 @@ def test_every_byte_under_every_scale_is_transformers_value(scale_dtype, dtype):
 @pytest.mark.parametrize(
     "scale_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.uint8, torch.float8_e8m0fnu], ids=str
 )
-def test_edge_blocks_cover_only_the_elements_that_exist(shape, block, scale_dtype):
+def test_edge_blocks_cover_only_the_elements_that_exist(shape, block, scale_dtype, kernel_path):
     """Dims that blocks do not divide (DeepSeek-V3's kv_a_proj_with_mqa is [576, 7168] in a [5, 56]
     grid), one smaller than a block, 3-D stacks, no rows: the formula, bit for bit."""
     gen = torch.Generator().manual_seed(1)
@@ -103,11 +110,23 @@ def test_edge_blocks_cover_only_the_elements_that_exist(shape, block, scale_dtyp
         assert same_bits(fp8.dequantize(weight, scales, block, dtype), expected.view(shape))
 
 
-def test_values_past_fp16_are_refused_not_made_inf():
+def test_values_past_fp16_are_refused_not_made_inf(kernel_path):
     weight = torch.tensor([[0x7E, 0x01]], dtype=torch.uint8).view(torch.float8_e4m3fn)  # 448 and the smallest subnormal
     assert torch.isfinite(fp8.dequantize(weight, torch.tensor([[146.0]]), (1, 2), torch.float16)).all()  # 65408
-    with pytest.raises(OpError, match=r"a value overflows fp16 \(\|value\| > 65504, in a block of scale 147\)"):
+    with pytest.raises(OpError, match=r"a value overflows fp16 \(\|value\| > 65504"):
         fp8.dequantize(weight, torch.tensor([[147.0]]), (1, 2), torch.float16)
+
+
+def test_one_scale_per_element_takes_the_formula_path_with_the_same_values():
+    """A [1, 1] block (as a hostile config may claim) is below the size where a 256-entry table per
+    block pays: the formula path serves it, value for value."""
+    gen = torch.Generator().manual_seed(2)
+    weight = torch.randint(0, 126, (256, 512), dtype=torch.uint8, generator=gen).view(torch.float8_e4m3fn)
+    scales = torch.rand(256, 512, generator=gen)
+    assert fp8._TABLE_MIN_BLOCK > 1
+    assert same_bits(
+        fp8.dequantize(weight, scales, (1, 1), torch.bfloat16), dequantize_formula(weight, scales, (1, 1), torch.bfloat16)
+    )
 
 
 def test_the_row_map_reads_whole_scale_rows():

@@ -15,7 +15,9 @@ How it is fast (~8x the plain fp32 product on one core): a block has one scale, 
 possible bytes have 256 possible outputs. Per row block, one table holds them for every column
 block ([in/B1, 256], computed by the reference's own fp32 product and rounding, so every value,
 NaN, subnormal and signed zero is the reference's by construction), and one gather writes the
-output from `byte + 256 * column_block`.
+output from `byte + 256 * column_block`. Blocks under 1024 elements (a config may claim [1, 1])
+take the formula instead: a byte gathered as fp32, times the block's scale, one cast; the table
+would cost more than the elements it serves.
 """
 
 import math
@@ -31,6 +33,8 @@ E4M3_NAMES = ("e4m3", "float8_e4m3fn")  # DeepSeek, Kimi and Qwen write the firs
 _SCALE_DTYPES = ("F32", "BF16", "F16", "U8", "F8_E8M0")  # U8 / F8_E8M0: UE8M0 exponents
 _OUT_DTYPES = {"BF16": torch.int16, "F16": torch.int16, "F32": torch.int32}  # output dtype -> same-width int for the gather
 _E4M3 = None  # [256] fp32: every float8_e4m3fn byte's value
+_TABLE_MIN_BLOCK = 1024  # smaller blocks (elements) take the formula: a table of 256 per block would cost more
+_SMALL_BLOCK_ELEMENTS = 1 << 18  # output elements per row block on that path (1 MiB of fp32)
 
 
 def _byte_values() -> torch.Tensor:
@@ -82,6 +86,9 @@ def dequantize(
     scale = scales_fp32(scales.contiguous()).view(lead, *scales.shape[-2:])  # [M, out/B0, in/B1]
     flat = out.view(_OUT_DTYPES[dtypes.to_safetensors(dtype)]).view(codes.shape)  # [M, out, in]
     b0, b1 = block
+    if b0 * b1 < _TABLE_MIN_BLOCK:
+        _dequantize_small_blocks(codes, scale, block, out.view(codes.shape))
+        return out
     column_base = (torch.arange(cols, dtype=torch.int32) // b1) * 256  # [in]: where each column's block table starts
     index = arena.empty((min(b0, rows), cols), torch.int32)  # [B0, in]
     values = _byte_values()  # [256]
@@ -96,6 +103,25 @@ def dequantize(
             torch.add(codes[m, r0:r1], column_base, out=rows_index)  # [rows, in] = byte + 256 * column block
             torch.index_select(table.view(flat.dtype).view(-1), 0, rows_index.view(-1), out=flat[m, r0:r1].reshape(-1))
     return out
+
+
+def _dequantize_small_blocks(codes: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], out: torch.Tensor) -> None:
+    """The formula itself, for blocks too small to pay for a 256-entry table each (a [1, 1] grid
+    would cost 256 table entries an element): codes [M, out, in] U8, scale [M, G0, G1] fp32 ->
+    out [M, out, in], in cache-sized row blocks."""
+    rows, cols = codes.shape[-2:]
+    b0, b1 = block
+    step = max(b0, _SMALL_BLOCK_ELEMENTS // max(cols, 1) // b0 * b0)
+    values = _byte_values()  # [256]
+    for m in range(codes.shape[0]):
+        for r0 in range(0, rows, step):
+            r1 = min(r0 + step, rows)
+            grid = scale[m, r0 // b0 : -(-r1 // b0)]  # [rows/B0, in/B1]
+            full = grid.repeat_interleave(b0, 0)[: r1 - r0].repeat_interleave(b1, 1)[:, :cols]  # [rows, in]
+            exact = torch.index_select(values, 0, codes[m, r0:r1].reshape(-1).to(torch.int32)).view(r1 - r0, cols)  # fp32
+            out[m, r0:r1].copy_(exact.mul_(full))  # the fp32 product, rounded once to the output dtype
+            if out.dtype == torch.float16 and torch.isinf(out[m, r0:r1]).any():
+                raise OpError("dequantize-fp8-block: a value overflows fp16 (|value| > 65504); use dtype bf16 or fp32")
 
 
 def _check_fp16(codes: torch.Tensor, table: torch.Tensor, column_base: torch.Tensor, scales: torch.Tensor) -> None:
