@@ -139,5 +139,5 @@ def dequantize_formula(weight: torch.Tensor, stored: torch.Tensor, block: tuple[
     block), edge blocks cropped, rounded once to dtype (UE8M0 bytes: 2**(byte - 127))."""
     scale = torch.exp2(stored.float() - 127) if stored.dtype == torch.uint8 else stored.float()
     rows, cols = weight.shape
-    full = scale.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:rows, :cols]
+    full = scale.repeat_interleave(min(block[0], rows), 0).repeat_interleave(min(block[1], cols), 1)[:rows, :cols]
     return (weight.float() * full).to(dtype)

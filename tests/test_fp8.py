@@ -86,6 +86,7 @@ def test_every_byte_under_every_scale_is_transformers_value(scale_dtype, dtype, 
         ((3, 40, 33), (16, 8)),
         ((130, 1), (128, 128)),
         ((0, 16), (8, 8)),
+        ((70, 300), (2**40, 2**33)),  # blocks past int32 (a config may claim them): one grid cell
     ],
 )
 @pytest.mark.parametrize(

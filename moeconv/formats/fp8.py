@@ -59,7 +59,8 @@ def dequantize_reference(weight: torch.Tensor, scales: torch.Tensor, block: tupl
     """The formula itself on the whole tensor (tests hold the fast kernel to it): every block's
     scale repeated over its elements (edge blocks cropped), fp32 product, one rounding."""
     rows, cols = weight.shape[-2:]
-    full = scales_fp32(scales).repeat_interleave(block[0], dim=-2).repeat_interleave(block[1], dim=-1)
+    b0, b1 = min(block[0], rows), min(block[1], cols)  # a block past the matrix is one grid cell
+    full = scales_fp32(scales).repeat_interleave(b0, dim=-2).repeat_interleave(b1, dim=-1)
     return (weight.to(torch.float32) * full[..., :rows, :cols]).to(dtype)  # [.., out, in]
 
 
@@ -85,9 +86,9 @@ def dequantize(
     codes = weight.contiguous().view(torch.uint8).view(lead, rows, cols)  # [M, out, in]
     scale = scales_fp32(scales.contiguous()).view(lead, *scales.shape[-2:])  # [M, out/B0, in/B1]
     flat = out.view(_OUT_DTYPES[dtypes.to_safetensors(dtype)]).view(codes.shape)  # [M, out, in]
-    b0, b1 = block
+    b0, b1 = min(block[0], rows), min(block[1], cols)  # a block past the matrix is one grid cell (and fits int32)
     if b0 * b1 < _TABLE_MIN_BLOCK:
-        _dequantize_small_blocks(codes, scale, block, out.view(codes.shape))
+        _dequantize_small_blocks(codes, scale, (b0, b1), out.view(codes.shape))
         return out
     column_base = (torch.arange(cols, dtype=torch.int32) // b1) * 256  # [in]: where each column's block table starts
     index = arena.empty((min(b0, rows), cols), torch.int32)  # [B0, in]
