@@ -19,13 +19,16 @@ Decided before any data moves. The consumer is transformers itself, not a copy o
 
 Dtypes: transformers casts every floating tensor to the parameter's dtype at load time, so a float vs
 float difference (BF16 output, F32 model) is NOT a mismatch. An integer/bool tensor where the model
-holds a float (or the reverse) is: that is a quantized tensor under a dequantized name or vice versa.
+holds a float (or the reverse) is, and so is a 1-byte float (FP8) against a wider one: that is a
+quantized tensor under a dequantized name or vice versa.
 (transformers would cast those silently too and load garbage: this rule is stricter than its loader.)
 
 Quantization: a config that keeps `quantization_config` is judged by the key names that quantization
 serializes, whatever this machine could run. transformers only builds its quantized modules with GPU
 kernels, so each format module puts transformers' own quantized modules on the meta model itself
-(`Format.consumer_layout`, e.g. moeconv/formats/mxfp4.py). A quant_method with none is not checked.
+(`Format.consumer_layout`, e.g. moeconv/formats/mxfp4.py, fp8.py), and hands back the quantizer whose
+weight conversions the loader adds (FP8: scales fused with their experts). A quant_method with none
+is not checked.
 (`Mxfp4GptOssExperts` declares its biases F32, so `expected_tensors` says F32 there; any float loads.)
 
 Not checked (`checked=False` with the reason) rather than guessed: no transformers, no or unknown
@@ -172,7 +175,8 @@ def _check_size(config: dict) -> None:
 
 
 def _build_meta_model(config: dict):
-    """(model on meta, consumer description). Raises ConsumerUnavailable with the reason."""
+    """(model on meta, consumer description, the hf_quantizer whose weight conversions the loader
+    applies or None). Raises ConsumerUnavailable with the reason."""
     import torch
 
     transformers = _import_transformers()
@@ -197,12 +201,11 @@ def _build_meta_model(config: dict):
             for context in contexts:
                 stack.enter_context(context)
             model = cls(config_obj)
-        if quantization is not None:
-            layouts[quant_method](model, quantization)
+        quantizer = layouts[quant_method](model, quantization) if quantization is not None else None
     consumer = f"transformers {transformers.__version__} {cls.__name__}"
     if quantization is not None:
         consumer += f" ({quant_method})"
-    return model, consumer
+    return model, consumer, quantizer
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -217,7 +220,7 @@ def expected_tensors(config: dict) -> tuple[dict[str, tuple[str, tuple[int, ...]
     for this config.json dict: the state dict of the model built on meta (quantized names if the
     config keeps a known quantization_config). Keys the loader forgives (tied targets, ignore lists)
     are still listed: `check_load` applies those rules. Raises ConsumerUnavailable with the reason."""
-    model, consumer = _build_meta_model(config)
+    model, consumer, _ = _build_meta_model(config)
     return {k: (_dtype_name(t.dtype), tuple(t.shape)) for k, t in model.state_dict().items()}, consumer
 
 
@@ -226,9 +229,14 @@ def expected_tensors(config: dict) -> tuple[dict[str, tuple[str, tuple[int, ...]
 
 
 def _kind(dtype: torch.dtype) -> str:
+    """What a loader's silent cast cannot bridge: integers, bools, floats, and 1-byte floats (FP8
+    data means nothing without its scales, so bf16 under an FP8 name, or FP8 under a bf16 one, is a
+    mismatch)."""
     import torch
 
-    return "float" if dtype.is_floating_point else "bool" if dtype == torch.bool else "int"
+    if dtype.is_floating_point:
+        return "float8" if dtype.itemsize == 1 else "float"
+    return "bool" if dtype == torch.bool else "int"
 
 
 def _one_line(error: str) -> str:
@@ -247,13 +255,13 @@ def check_load(planned: Planned, config: dict | None) -> LoadReport:
         return LoadReport(False, "no config.json to build the consumer model from", None)
     config = copy.deepcopy(config)  # transformers edits nested dicts (rope_scaling gains rope_theta): not the plan's
     try:
-        model, consumer = _build_meta_model(config)
+        model, consumer, quantizer = _build_meta_model(config)
     except ConsumerUnavailable as error:
         return LoadReport(False, str(error), None)
     except Exception as error:  # a config transformers refuses: say so instead of crashing the plan
         return LoadReport(False, f"transformers could not build the model: {type(error).__name__}: {error}", None)
     try:
-        return _simulate_load(model, consumer, planned)
+        return _simulate_load(model, consumer, planned, quantizer)
     except Exception as error:  # transformers' loader raised outside its own per-key error capture
         reason = f"transformers' loader failed on the planned keys: {type(error).__name__}: {error}"
         return LoadReport(False, reason, consumer)
@@ -309,8 +317,9 @@ def _answer(answers, planned: Planned, config: dict | None) -> None:
         answers.send(("error", error))
 
 
-def _simulate_load(model, consumer: str, planned: Planned) -> LoadReport:
-    """from_pretrained's loading steps, on meta tensors shaped like the plan."""
+def _simulate_load(model, consumer: str, planned: Planned, quantizer=None) -> LoadReport:
+    """from_pretrained's loading steps, on meta tensors shaped like the plan (with the quantizer's
+    own weight conversions, e.g. FP8 scales fused with their experts)."""
     import torch
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import (
@@ -325,7 +334,7 @@ def _simulate_load(model, consumer: str, planned: Planned) -> LoadReport:
     state_dict = {key: torch.empty(shape, dtype=planned_dtypes[key], device="meta") for key, (_, shape) in planned.items()}
 
     with _quiet_transformers():
-        mapping = get_model_conversion_mapping(model)
+        mapping = get_model_conversion_mapping(model, hf_quantizer=quantizer)
         # Our own pass over the same renaming (fresh copies: transforms keep state) for the dtype check.
         renamings = [copy.deepcopy(t) for t in mapping if not isinstance(t, WeightConverter)]
         converters = [copy.deepcopy(t) for t in mapping if isinstance(t, WeightConverter)]

@@ -349,3 +349,50 @@ def test_an_fp8_weight_without_its_scale_is_named_and_never_widened_by_dtype(tmp
     assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"] == FP8
     strict = convert(src, tmp_path / "strict", "--preset", "fp8-bf16", "--strict")
     assert strict.exit_code == 1 and "still in fp8" in error_line(strict.stderr) and not (tmp_path / "strict").exists()
+
+
+# ---- checkpoints that stay FP8: the load report builds transformers' FP8 modules -------------------------
+
+
+def dry_run_json(*args) -> dict:
+    result = convert(*args, "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_an_fp8_checkpoint_kept_fp8_is_checked_against_transformers_fp8_modules(deepseek_aligned, tmp_path):
+    """fuse-experts alone stacks the FP8 weights and leaves their scales per expert: transformers'
+    FP8 loader fuses those itself, so with whole blocks the report is clean, against FP8Experts."""
+    report = dry_run_json(deepseek_aligned, tmp_path / "out", "--preset", "fuse-experts")
+    assert report["checked"] and report["consumer"].endswith("DeepseekV3ForCausalLM (fp8)")
+    assert report["ok"] and not report["missing"] and not report["unexpected"] and not report["mismatched"]
+
+
+def test_per_expert_scales_that_do_not_fuse_into_the_fused_grid_are_mismatched(tmp_path):
+    """24-row experts in 16-row blocks: gate and up scales stacked give 4 block rows, the fused
+    48-row gate_up_proj has 3: transformers would load them with the wrong meaning."""
+    src = build_deepseek_v3_fp8(tmp_path / "src", block=(16, 8), aligned=True)
+    report = dry_run_json(src, tmp_path / "out", "--preset", "fuse-experts")
+    assert not report["ok"]
+    (mismatch,) = report["mismatched"]
+    assert mismatch["key"] == "model.layers.1.mlp.experts.gate_up_proj_scale_inv"
+    assert mismatch["expected"]["shape"] == [4, 3, 6] and mismatch["actual"]["shape"] == [4, 4, 6]
+    assert convert(src, tmp_path / "strict", "--preset", "fuse-experts", "--strict").exit_code == 3
+
+
+def test_a_dequantized_weight_under_a_kept_fp8_config_is_a_mismatch(deepseek_aligned, tmp_path):
+    """One weight dequantized while the rest stay FP8 (so quantization_config stays): transformers
+    would cast the bf16 values into its FP8 parameter. Floats of different widths are not one kind here."""
+    recipe = tmp_path / "one.toml"
+    recipe.write_text(
+        "[[rule]]\n"
+        "inputs.w = '(?P<m>model\\.layers\\.0\\.self_attn\\.o_proj)\\.weight'\n"
+        "inputs.s = '(?P<m>model\\.layers\\.0\\.self_attn\\.o_proj)\\.weight_scale_inv'\n"
+        'ops = [{ op = "dequantize-fp8-block", block = [8, 8] }]\n'
+        'target = "{m}.weight"\n'
+    )
+    report = dry_run_json(deepseek_aligned, tmp_path / "out", "--recipe", recipe)
+    assert not report["ok"]
+    keys = {m["key"]: m for m in report["mismatched"]}
+    assert keys["model.layers.0.self_attn.o_proj.weight"]["expected"]["dtype"] == "F8_E4M3"
+    assert "model.layers.0.self_attn.o_proj.weight_scale_inv" in report["missing"]

@@ -21,9 +21,10 @@ class Format:
     quant_method: str  # config.json quantization_config.quant_method
     keys: re.Pattern  # output keys that hold quantized data (or its scales) in this format
     dtypes: frozenset[str]  # their safetensors dtypes
-    # Puts transformers' quantized modules on a model built on the meta device (the load report);
-    # None: the load report does not check checkpoints that stay in this format.
-    consumer_layout: Callable[[Any, dict], None] | None = None
+    # Puts transformers' quantized modules on a model built on the meta device (the load report) and
+    # returns the hf_quantizer whose weight conversions transformers' loader adds, or None;
+    # None here: the load report does not check checkpoints that stay in this format.
+    consumer_layout: Callable[[Any, dict], Any] | None = None
     # The quantization_config a checkpoint quantized into this format gets (when its source had none)
     quantization_config: dict | None = None
     # Raises FormatError naming what this module does not support in a source's quantization_config

@@ -204,11 +204,24 @@ def check_config(quantization: dict) -> None:
         raise FormatError(f"fp8 quantization_config weight_block_size {block!r} is not two positive integers")
 
 
+def consumer_layout(model, quantization_config: dict):
+    """transformers' FineGrainedFP8 modules (FP8Linear, FP8Experts: weight + weight_scale_inv) on the
+    meta model, as from_pretrained puts them for a checkpoint kept in FP8; returns the quantizer,
+    whose weight conversions fuse per-expert scales as the weights are fused."""
+    from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
+    from transformers.utils.quantization_config import FineGrainedFP8Config
+
+    quantizer = FineGrainedFP8HfQuantizer(FineGrainedFP8Config.from_dict(dict(quantization_config)), pre_quantized=True)
+    quantizer._process_model_before_weight_loading(model)  # no kernel is loaded: modules on meta only
+    return quantizer
+
+
 FORMAT = register_format(
     Format(
         quant_method="fp8",
         keys=re.compile(r".+"),  # any F8_E4M3 tensor left still needs its scale
         dtypes=frozenset({"F8_E4M3"}),
+        consumer_layout=consumer_layout,
         check_config=check_config,
     )
 )
