@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
@@ -22,6 +21,7 @@ from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme, preset_name_to_scheme
 from compressed_tensors.quantization.utils.helpers import calculate_qparams
+from kernel_timing import timed  # benchmarks/kernel_timing.py, next to this script
 
 from moeconv.formats.compressed import dequantize_float, dequantize_nvfp4, dequantize_packed
 
@@ -80,13 +80,6 @@ def contenders(name: str, scheme: QuantizationScheme, state: dict):
         return dequantize_packed(state["weight_packed"], state["weight_scale"], zero_point, state["weight_shape"], num_bits=bits)
 
     return ours, lambda: PackedQuantizationCompressor.decompress(state, scheme)["weight"]
-
-
-def timed(fn) -> tuple[float, float]:
-    """(wall seconds, this thread's CPU seconds) of one call."""
-    wall, cpu = time.perf_counter(), time.thread_time()
-    fn()
-    return time.perf_counter() - wall, time.thread_time() - cpu
 
 
 def main() -> None:

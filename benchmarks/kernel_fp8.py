@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from kernel_timing import timed  # benchmarks/kernel_timing.py, next to this script
 
 from moeconv.formats.fp8 import dequantize
 
@@ -30,13 +30,6 @@ def reference():
     from transformers.integrations.finegrained_fp8 import Fp8Dequantize
 
     return Fp8Dequantize(None)._dequantize_one
-
-
-def timed(fn) -> tuple[float, float]:
-    """(wall seconds, this thread's CPU seconds) of one call."""
-    wall, cpu = time.perf_counter(), time.thread_time()
-    fn()
-    return time.perf_counter() - wall, time.thread_time() - cpu
 
 
 def main() -> None:
