@@ -41,9 +41,9 @@ import torch
 from moeconv import arena, dtypes, ops
 from moeconv.errors import FormatError, OpError
 from moeconv.formats import Format, register_format
+from moeconv.formats.fp8 import e4m3_values
+from moeconv.formats.mxfp4 import FP4_VALUES  # E2M1 code -> value, as compressed-tensors' kE2M1ToFloat
 
-# E2M1 code -> value (index = 4-bit code; bit 3 is the sign), as compressed-tensors' kE2M1ToFloat.
-FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 FORMATS = ("pack-quantized", "nvfp4-pack-quantized", "float-quantized")
 _BLOCK_ELEMENTS = 1 << 18  # output elements per inner block: 1 MiB of fp32 scratch stays in L2
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -64,13 +64,6 @@ def _pair_table(name: str) -> torch.Tensor:
             values = torch.stack([codes[byte & 0xF], codes[byte >> 4]], dim=-1)  # [256, 2]
         _tables[name] = values.contiguous().view(torch.int64).view(256)
     return _tables[name]
-
-
-def _e4m3_table() -> torch.Tensor:
-    """[256] int32: an E4M3 byte -> its fp32 bits (torch's conversion: exact, NaN for 0x7F and 0xFF)."""
-    if "e4m3" not in _tables:
-        _tables["e4m3"] = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float32).view(torch.int32)
-    return _tables["e4m3"]
 
 
 def _out_dtype(op: str, dtype: torch.dtype) -> None:
@@ -303,7 +296,7 @@ def dequantize_float(weight: torch.Tensor, scale: torch.Tensor, *, dtype: torch.
         block = values[: (r1 - r0) * cols].view(r1 - r0, cols)
         idx = index[: (r1 - r0) * cols]
         idx.view(r1 - r0, cols).copy_(data[r0:r1])
-        torch.index_select(_e4m3_table(), 0, idx, out=block.view(torch.int32).view(-1))  # e4m3 -> fp32, exact
+        torch.index_select(e4m3_values().view(torch.int32), 0, idx, out=block.view(torch.int32).view(-1))  # e4m3 -> fp32, exact
         block.mul_(scale32[r0:r1] if per_row else scale32)  # exact for bf16/fp16 scales; fp32 rounds once, as the package
         _store(op, block, out[r0:r1], scale.dtype)
     return out

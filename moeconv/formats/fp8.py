@@ -20,6 +20,7 @@ take the formula instead: a byte gathered as fp32, times the block's scale, one 
 would cost more than the elements it serves.
 """
 
+import functools
 import math
 import re
 
@@ -32,16 +33,14 @@ from moeconv.formats import Format, register_format
 E4M3_NAMES = ("e4m3", "float8_e4m3fn")  # DeepSeek, Kimi and Qwen write the first, MiniMax-M2 the second
 _SCALE_DTYPES = ("F32", "BF16", "F16", "U8", "F8_E8M0")  # U8 / F8_E8M0: UE8M0 exponents
 _OUT_DTYPES = {"BF16": torch.int16, "F16": torch.int16, "F32": torch.int32}  # output dtype -> same-width int for the gather
-_E4M3 = None  # [256] fp32: every float8_e4m3fn byte's value
 _TABLE_MIN_BLOCK = 1024  # smaller blocks (elements) take the formula: a table of 256 per block would cost more
 _SMALL_BLOCK_ELEMENTS = 1 << 18  # output elements per row block on that path (1 MiB of fp32)
 
 
-def _byte_values() -> torch.Tensor:
-    global _E4M3
-    if _E4M3 is None:
-        _E4M3 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float32)  # [256]
-    return _E4M3
+@functools.cache
+def e4m3_values() -> torch.Tensor:
+    """[256] fp32: every float8_e4m3fn byte's value (torch's conversion: exact, NaN for 0x7F and 0xFF)."""
+    return torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float32)
 
 
 def scales_fp32(scales: torch.Tensor) -> torch.Tensor:
@@ -53,15 +52,6 @@ def scales_fp32(scales: torch.Tensor) -> torch.Tensor:
 
 def _grid(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
     return (*shape[:-2], -(-shape[-2] // block[0]), -(-shape[-1] // block[1]))
-
-
-def dequantize_reference(weight: torch.Tensor, scales: torch.Tensor, block: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-    """The formula itself on the whole tensor (tests hold the fast kernel to it): every block's
-    scale repeated over its elements (edge blocks cropped), fp32 product, one rounding."""
-    rows, cols = weight.shape[-2:]
-    b0, b1 = min(block[0], rows), min(block[1], cols)  # a block past the matrix is one grid cell
-    full = scales_fp32(scales).repeat_interleave(b0, dim=-2).repeat_interleave(b1, dim=-1)
-    return (weight.to(torch.float32) * full[..., :rows, :cols]).to(dtype)  # [.., out, in]
 
 
 def dequantize(
@@ -92,7 +82,7 @@ def dequantize(
         return out
     column_base = (torch.arange(cols, dtype=torch.int32) // b1) * 256  # [in]: where each column's block table starts
     index = arena.empty((min(b0, rows), cols), torch.int32)  # [B0, in]
-    values = _byte_values()  # [256]
+    values = e4m3_values()  # [256]
     for m in range(codes.shape[0]):
         for block_row, r0 in enumerate(range(0, rows, b0)):
             r1 = min(r0 + b0, rows)
@@ -113,7 +103,7 @@ def _dequantize_small_blocks(codes: torch.Tensor, scale: torch.Tensor, block: tu
     rows, cols = codes.shape[-2:]
     b0, b1 = block
     step = max(b0, _SMALL_BLOCK_ELEMENTS // max(cols, 1) // b0 * b0)
-    values = _byte_values()  # [256]
+    values = e4m3_values()  # [256]
     for m in range(codes.shape[0]):
         for r0 in range(0, rows, step):
             r1 = min(r0 + step, rows)
