@@ -175,11 +175,16 @@ def make_per_expert_model(
     parameter rounded to `dtype`: `.to(dtype)` is what gets saved, and its float32 logits equal those of
     the checkpoint loaded with dtype=float32 bit for bit (casting the whole model to bf16 would also
     round the rotary inv_freq buffer, which a reload recomputes)."""
-    from transformers import AutoModelForCausalLM
-
     if model_type not in _FAMILY:
         raise ValueError(f"model_type must be one of {PER_EXPERT_FAMILIES}, got {model_type!r}")
-    config = per_expert_config(model_type, layers=layers, experts=experts)
+    return seeded_model(per_expert_config(model_type, layers=layers, experts=experts), seed=seed, dtype=dtype)
+
+
+def seeded_model(config, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16):
+    """The model of `config` in float32, re-initialized by `_reinit_(seed)`, every parameter rounded to
+    `dtype` (see make_per_expert_model), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _reinit_(model, seed)
     with torch.no_grad():

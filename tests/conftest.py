@@ -13,6 +13,7 @@ treat them as READ-ONLY (copy with shutil.copytree into tmp_path before changing
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import checkpoints as ck  # tests/ is on sys.path (pytest's rootdir conftest insertion)
@@ -80,3 +81,9 @@ def tiny_gpt_oss_example_dir() -> Path:
 # binds the machine's interface address otherwise): test_distributed.py's wrapper starts it there.
 if os.environ.get("MOECONV_RAY_NETNS") != "1":
     collect_ignore = ["test_ray.py"]
+
+
+@pytest.fixture
+def sharded(sharded_mixtral_dir, tmp_path) -> Path:
+    """A writable copy of the 3-shard per-expert mixtral (index + shards), for tests that forge files."""
+    return Path(shutil.copytree(sharded_mixtral_dir, tmp_path / "src"))

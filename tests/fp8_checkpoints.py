@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import torch
-from checkpoints import make_per_expert_model
+from checkpoints import make_per_expert_model, seeded_model
 from safetensors.torch import save_file
 
 E4M3_MAX = 448.0
@@ -61,16 +61,9 @@ _DEEPSEEK_DIMS = {
 
 def make_deepseek_v3_model(*, aligned: bool, seed: int = 0):
     """A seeded tiny DeepseekV3ForCausalLM in float32 with every parameter rounded to bf16."""
-    from checkpoints import _reinit_
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    config = AutoConfig.for_model("deepseek_v3", **_DEEPSEEK, **_DEEPSEEK_DIMS[aligned])
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    _reinit_(model, seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(p.to(torch.bfloat16))
-    return model.eval()
+    return seeded_model(AutoConfig.for_model("deepseek_v3", **_DEEPSEEK, **_DEEPSEEK_DIMS[aligned]), seed=seed)
 
 
 def quantizes(key: str, tensor: torch.Tensor) -> bool:

@@ -93,11 +93,6 @@ def mixtral(mixtral_dir, tmp_path) -> Path:
     return Path(shutil.copytree(mixtral_dir, tmp_path / "src"))
 
 
-@pytest.fixture
-def sharded(sharded_mixtral_dir, tmp_path) -> Path:
-    return Path(shutil.copytree(sharded_mixtral_dir, tmp_path / "src"))
-
-
 def edit_config(folder: Path, **changes) -> None:
     config = json.loads((folder / "config.json").read_text())
     config.update(changes)

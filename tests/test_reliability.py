@@ -65,12 +65,6 @@ def assert_clean_failure(result, out: Path, *needles: str, code: int = 1) -> str
 
 
 @pytest.fixture
-def sharded(sharded_mixtral_dir, tmp_path) -> Path:
-    """A writable copy of the 3-shard per-expert mixtral (index + shards)."""
-    return Path(shutil.copytree(sharded_mixtral_dir, tmp_path / "src"))
-
-
-@pytest.fixture
 def single(mixtral_dir, tmp_path) -> Path:
     return Path(shutil.copytree(mixtral_dir, tmp_path / "src"))
 
